@@ -1,0 +1,482 @@
+"""Benchmark: dense PyTorch / ONNX Runtime vs. the sparse runtime, per step and per sequence.
+
+Each library runs in its own process (``python -m export.bench --worker NAME``) with its
+threads pinned, so one library's thread pool or allocator never slows another; rounds
+interleave the libraries and the table reports medians over rounds.  Memory bandwidth is
+measured in the same run (summing a buffer far larger than the last-level cache), and
+every row reports the bytes its recurrent product reads per step and the fraction of that
+bandwidth it reaches.  At H=1024 (and for the sparse H=4096 matrices, ~7-13 MB) the
+weights stay in the 32 MB L3 cache between steps, so fractions above 1 are possible:
+the ratio is against DRAM bandwidth.
+
+Libraries (rows):
+    torch_rnn      PyTorch dense ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` module
+    dense_loop     best dense kernel: loop of addmv / addmm on pre-projected inputs
+    torch_csr      loop of PyTorch int32 CSR addmv / addmm (unstructured weights)
+    ort_dense      ONNX Runtime on the dense module exported by ``torch.onnx.export``
+    ours           :class:`SparseRNN` ``kernel="auto"`` on the unstructured weights
+    ours_tiled     :class:`SparseRNN` ``kernel="auto"`` on tile-pruned weights in
+                   geometric (Hilbert) order, permutation folded in
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from export.sparse_runtime import SparseRNN, layers_from_module
+from export.tiles import magnitude_mask, order_neurons, permute_rnn, tile_prune
+
+__all__ = [
+    "LIBRARIES",
+    "PATTERNS",
+    "BenchConfig",
+    "BenchError",
+    "build_module",
+    "run_worker",
+    "run_benchmark",
+    "write_outputs",
+    "add_arguments",
+    "main",
+]
+
+LIBRARIES = ("torch_rnn", "dense_loop", "torch_csr", "ort_dense", "ours", "ours_tiled")
+PATTERNS = ("random", "torus", "tiles")
+INPUT_SIZE = 64
+TILE = 16
+
+
+class BenchError(ValueError):
+    """Bad benchmark option (unknown library / pattern, unreadable file)."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark point: synthetic Elman matrix or an exported model file."""
+
+    hidden: int
+    batch: int
+    sparsity: float
+    pattern: str = "random"
+    steps: int = 50
+    seed: int = 0
+    file: str = ""
+
+    @property
+    def label(self) -> str:
+        source = Path(self.file).name if self.file else self.pattern
+        return f"{source} H={self.hidden} B={self.batch} s={self.sparsity:g}"
+
+
+# --------------------------------------------------------------------------- models
+def _torus_embedding(hidden: int, generator: torch.Generator) -> Tensor:
+    return torch.rand(hidden, 2, generator=generator) * 10.0
+
+
+def _torus_weights(embedding: Tensor, generator: torch.Generator) -> Tensor:
+    """Random weights scaled by closeness on the torus, as moduli regularization leaves."""
+    delta = (embedding[:, None, :] - embedding[None, :, :]).abs()
+    delta = torch.minimum(delta, 10.0 - delta)
+    closeness = torch.exp(-(delta**2).sum(-1) / 2.0)
+    weights = torch.randn(embedding.shape[0], embedding.shape[0], generator=generator)
+    return weights * closeness / embedding.shape[0] ** 0.5
+
+
+def _synthetic(config: BenchConfig) -> tuple[nn.RNNBase, Tensor]:
+    generator = torch.Generator().manual_seed(config.seed)
+    module = nn.RNN(INPUT_SIZE, config.hidden)
+    embedding = _torus_embedding(config.hidden, generator)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+        if config.pattern == "random":
+            dense = torch.randn(config.hidden, config.hidden, generator=generator)
+            module.weight_hh_l0.copy_(dense / config.hidden**0.5)
+        else:
+            module.weight_hh_l0.copy_(_torus_weights(embedding, generator))
+    return module, embedding
+
+
+def _load_file(path: str) -> tuple[nn.RNNBase, Tensor | None]:
+    """An RNN module from a safetensors file (export.load_safetensors, else plain tensors)."""
+    try:
+        from export import load_safetensors  # type: ignore[attr-defined]
+        loaded = load_safetensors(path)
+    except ImportError:
+        from safetensors.torch import load_file
+        loaded = load_file(path)
+    if isinstance(loaded, nn.Module):
+        found = [m for m in loaded.modules() if isinstance(m, (nn.RNN, nn.GRU, nn.LSTM))]
+        if not found:
+            raise BenchError(f"{path}: the loaded model has no nn.RNN / nn.GRU / nn.LSTM")
+        return found[0], None
+    state = loaded[0] if isinstance(loaded, tuple) else loaded
+    state = {k: (v.to_dense() if v.layout != torch.strided else v) for k, v in state.items()
+             if isinstance(v, Tensor)}
+    key = next((k for k in state if k.endswith("weight_hh_l0")), None)
+    if key is None:
+        raise BenchError(f"{path}: no '*weight_hh_l0' tensor; keys: {sorted(state)[:8]}")
+    prefix = key[: -len("weight_hh_l0")]
+    weight_hh = state[key]
+    hidden, gates = weight_hh.shape[1], weight_hh.shape[0] // weight_hh.shape[1]
+    layers = sum(1 for k in state if k.startswith(prefix + "weight_hh_l"))
+    cls = {3: nn.GRU, 4: nn.LSTM}.get(gates, nn.RNN)
+    module = cls(state[prefix + "weight_ih_l0"].shape[1], hidden, num_layers=layers,
+                 bias=prefix + "bias_ih_l0" in state)
+    module.load_state_dict({k[len(prefix):]: v for k, v in state.items()
+                            if k.startswith(prefix) and "_l" in k}, strict=False)
+    embedding = next((v for k, v in state.items() if "embedding" in k and v.dim() == 2
+                      and v.shape[0] == hidden), None)
+    return module, embedding
+
+
+def build_module(config: BenchConfig, variant: str) -> tuple[nn.RNNBase, list[Tensor] | None]:
+    """Module for one benchmark variant: ``dense``, ``unstructured`` or ``tiled``.
+
+    ``dense`` is the unpruned matrix (dense libraries do the same work at any sparsity);
+    ``unstructured`` is pruned by magnitude (``tiles`` pattern: by tiles, in tile order);
+    ``tiled`` is reordered along the torus and tile-pruned, and returns its permutations.
+    """
+    if config.file:
+        module, embedding = _load_file(config.file)
+    else:
+        module, embedding = _synthetic(config)
+    tiled = variant == "tiled" or config.pattern == "tiles"
+    if variant == "dense" or (config.file and not tiled):
+        return module, None
+    if tiled:
+        perm = order_neurons(embedding) if embedding is not None \
+            else torch.arange(module.hidden_size)
+        module = permute_rnn(module, [perm] * module.num_layers)
+    with torch.no_grad():
+        for layer in range(module.num_layers):
+            weight = getattr(module, f"weight_hh_l{layer}")
+            mask = tile_prune(weight, config.sparsity, TILE) if tiled \
+                else magnitude_mask(weight, config.sparsity)
+            weight.mul_(mask)
+    perms = [perm] * module.num_layers if tiled else None
+    return module, perms
+
+
+# --------------------------------------------------------------------------- runners
+def _pin_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+    if hasattr(os, "sched_setaffinity"):
+        available = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, available[:threads])
+
+
+def _torch_runner(module: nn.RNNBase) -> Callable[[Tensor], object]:
+    module.eval()
+
+    def run(x: Tensor):
+        with torch.no_grad():
+            return module(x)
+    return run
+
+
+def _ort_runner(module: nn.RNNBase, threads: int, batch: int) -> Callable[[Tensor], object]:
+    import onnxruntime as ort
+
+    handle, path = tempfile.mkstemp(suffix=".onnx")
+    os.close(handle)
+    # export at the batch size it will run with: the exported zero initial state has it
+    example = torch.randn(3, batch, module.input_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # tracer warnings about the RNN's shape checks
+        torch.onnx.export(module.eval(), (example,), path, dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "time"}})
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    os.unlink(path)
+
+    def run(x: Tensor):
+        return session.run(None, {"x": x.numpy()})
+    return run
+
+
+def _runner(library: str, config: BenchConfig, threads: int):
+    """(run function, bytes read per step) for one library on one config."""
+    if library in ("torch_rnn", "ort_dense", "dense_loop"):
+        module, perms = build_module(config, "dense")
+    elif library == "ours_tiled":
+        module, perms = build_module(config, "tiled")
+    else:
+        module, perms = build_module(config, "unstructured")
+    if library == "torch_rnn":
+        run = _torch_runner(module)
+    elif library == "ort_dense":
+        run = _ort_runner(module, threads, config.batch)
+    else:
+        kernel = {"dense_loop": "dense", "torch_csr": "csr"}.get(library, "auto")
+        # block kernels only for tile patterns: on a random pattern every tile is occupied
+        tiled = library == "ours_tiled" or config.pattern == "tiles"
+        candidates = ("csr", "bsr", "gather") if tiled else ("dense", "csr")
+        runtime = SparseRNN(layers_from_module(module), kernel=kernel, perms=perms,
+                            tile=TILE, candidates=candidates)
+        runtime.nbytes_per_step(config.batch)
+        run = runtime
+    gates = module.weight_hh_l0.shape[0] // module.hidden_size
+    dense_bytes = module.num_layers * (4 * gates * module.hidden_size**2
+                                       + 4 * module.hidden_size * config.batch)
+    nbytes = run.nbytes_per_step(config.batch) if isinstance(run, SparseRNN) else dense_bytes
+    kernel_names = ",".join(sorted({k.name for k in run._kernels.values()})) \
+        if isinstance(run, SparseRNN) else library
+    return run, nbytes, kernel_names, module.input_size
+
+
+def _median(function: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_worker(library: str, configs: Sequence[BenchConfig], threads: int, repeats: int
+               ) -> list[dict]:
+    """Time one library on every config (in this process); one result dict per config."""
+    _pin_threads(threads)
+    if library == "bandwidth":
+        return [{"library": "bandwidth", "bandwidth_gbps": measure_bandwidth(repeats)}]
+    if library not in LIBRARIES:
+        raise BenchError(f"unknown library {library!r}; expected one of {', '.join(LIBRARIES)}")
+    results = []
+    for config in configs:
+        run, nbytes, kernel, input_size = _runner(library, config, threads)
+        generator = torch.Generator().manual_seed(1)
+        sequence = torch.randn(config.steps, config.batch, input_size, generator=generator)
+        single = sequence[:1].contiguous()
+        for _ in range(2):
+            run(sequence)
+        step_s = _median(lambda: run(single), max(10, 4 * repeats))
+        sequence_s = _median(lambda: run(sequence), repeats)
+        results.append({**asdict(config), "library": library, "kernel": kernel,
+                        "step_us": step_s * 1e6, "sequence_ms": sequence_s * 1e3,
+                        "bytes_per_step": nbytes})
+    return results
+
+
+def measure_bandwidth(repeats: int = 5, megabytes: int = 512) -> float:
+    """DRAM read bandwidth in GB/s: median time to sum a buffer far larger than cache."""
+    buffer = torch.ones(megabytes * 2**20 // 4)
+    buffer.sum()
+    seconds = _median(lambda: buffer.sum(), max(3, repeats))
+    return buffer.numel() * 4 / seconds / 1e9
+
+
+# --------------------------------------------------------------------------- driver
+def _spawn(library: str, configs: Sequence[BenchConfig], threads: int, repeats: int) -> list[dict]:
+    command = [sys.executable, "-m", "export.bench", "--worker", library,
+               "--configs", json.dumps([asdict(c) for c in configs]),
+               "--threads", str(threads), "--repeats", str(repeats)]
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root)
+    if done.returncode != 0:
+        raise BenchError(f"worker {library} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _summarize(rows: list[dict], bandwidth: float) -> list[dict]:
+    keyed: dict[tuple, list[dict]] = {}
+    for row in rows:
+        key = (row["file"], row["pattern"], row["hidden"], row["batch"], row["sparsity"],
+               row["library"])
+        keyed.setdefault(key, []).append(row)
+    table = []
+    for key, group in keyed.items():
+        row = dict(group[0])
+        row["step_us"] = statistics.median(r["step_us"] for r in group)
+        row["sequence_ms"] = statistics.median(r["sequence_ms"] for r in group)
+        row["rounds"] = len(group)
+        table.append(row)
+    by_config = {}
+    for row in table:
+        by_config.setdefault(row["label"] if "label" in row else _label(row), {})[
+            row["library"]] = row
+    for config_rows in by_config.values():
+        for row in config_rows.values():
+            base = config_rows.get("torch_rnn")
+            dense = config_rows.get("dense_loop")
+            row["speedup_vs_rnn"] = base["sequence_ms"] / row["sequence_ms"] if base else None
+            row["speedup_vs_dense"] = dense["sequence_ms"] / row["sequence_ms"] if dense \
+                else None
+            per_step_s = row["sequence_ms"] / 1e3 / row["steps"]
+            row["gbps"] = row["bytes_per_step"] / per_step_s / 1e9
+            row["bandwidth_fraction"] = row["gbps"] / bandwidth
+    order = {name: index for index, name in enumerate(LIBRARIES)}
+    table.sort(key=lambda r: (r["file"], r["pattern"], r["hidden"], r["batch"], r["sparsity"],
+                              order[r["library"]]))
+    return table
+
+
+def _label(row: dict) -> str:
+    return BenchConfig(row["hidden"], row["batch"], row["sparsity"], row["pattern"],
+                       row["steps"], row["seed"], row["file"]).label
+
+
+def run_benchmark(configs: Sequence[BenchConfig], libraries: Sequence[str] = LIBRARIES,
+                  rounds: int = 3, repeats: int = 5, threads: int | None = None,
+                  log: Callable[[str], None] = print) -> tuple[list[dict], float]:
+    """Interleaved rounds of one process per library; returns (table rows, GB/s)."""
+    threads = threads or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else threads or os.cpu_count() or 1
+    rows, bandwidths = [], []
+    for round_index in range(rounds):
+        bandwidths.append(_spawn("bandwidth", [], threads, repeats)[0]["bandwidth_gbps"])
+        for library in libraries:
+            log(f"round {round_index + 1}/{rounds}: {library}")
+            rows.extend(_spawn(library, configs, threads, repeats))
+    bandwidth = statistics.median(bandwidths)
+    return _summarize(rows, bandwidth), bandwidth
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+COLUMNS = ("config", "library", "kernel", "step_us", "sequence_ms", "speedup_vs_rnn",
+           "speedup_vs_dense", "bytes_per_step", "gbps", "bandwidth_fraction")
+
+
+def markdown_table(table: Sequence[dict], bandwidth: float) -> str:
+    """The result rows as a markdown table (one line per config and library)."""
+    lines = [f"Measured DRAM read bandwidth: {bandwidth:.1f} GB/s; T = {table[0]['steps']} "
+             "steps; times are medians over rounds.", "",
+             "| config | library | kernel | step (us) | sequence (ms) | x nn.RNN | x dense loop "
+             "| MB/step | GB/s | of DRAM bw |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in table:
+        lines.append(
+            f"| {_label(row)} | {row['library']} | {row['kernel']} | {_fmt(row['step_us'], 0)} | "
+            f"{_fmt(row['sequence_ms'])} | {_fmt(row['speedup_vs_rnn'])} | "
+            f"{_fmt(row['speedup_vs_dense'])} | {row['bytes_per_step'] / 1e6:.2f} | "
+            f"{_fmt(row['gbps'], 1)} | {_fmt(row['bandwidth_fraction'])} |")
+    return "\n".join(lines)
+
+
+def write_outputs(table: Sequence[dict], bandwidth: float, out: Path) -> list[Path]:
+    """Write ``bench.md``, ``bench.csv`` and ``bench.png`` into ``out``; return the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = out / "bench.md"
+    markdown.write_text(markdown_table(table, bandwidth) + "\n")
+    table_csv = out / "bench.csv"
+    with table_csv.open("w", newline="") as handle:
+        fields = ["config", *[k for k in table[0] if k != "label"]]
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for row in table:
+            writer.writerow({"config": _label(row), **row})
+    plot = out / "bench.png"
+    _plot(table, plot)
+    return [markdown, table_csv, plot]
+
+
+def _plot(table: Sequence[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(_label(r) for r in table))
+    libraries = [lib for lib in LIBRARIES if any(r["library"] == lib for r in table)]
+    width = 0.8 / max(1, len(libraries))
+    figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(labels)), 4.5))
+    for index, library in enumerate(libraries):
+        values = [next((r["sequence_ms"] for r in table if _label(r) == label
+                        and r["library"] == library), float("nan")) for label in labels]
+        axis.bar([i + index * width for i in range(len(labels))], values, width, label=library)
+    axis.set_yscale("log")
+    axis.set_ylabel(f"ms per sequence (T={table[0]['steps']}), log")
+    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
+    axis.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# --------------------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``python -m export.bench`` and ``moduli-transform bench``."""
+    parser.add_argument("--file", default="", help="safetensors file from the export")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.9, 0.95, 0.98])
+    parser.add_argument("--pattern", nargs="+", default=["random"], choices=PATTERNS)
+    parser.add_argument("--steps", type=int, default=50, help="sequence length T")
+    parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--repeats", type=int, default=5, help="timed sequences per round")
+    parser.add_argument("--threads", type=int, default=None, help="default: all usable cores")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: H=512 and 1024, batch 1, sparsity 0.9, 1 round")
+    parser.add_argument("--out", default="bench_results", help="folder for md / csv / png")
+
+
+def configs_from_args(args: argparse.Namespace) -> list[BenchConfig]:
+    """The benchmark grid the options describe (``--quick`` overrides the grid)."""
+    if args.quick:
+        args.hidden, args.batch, args.sparsity, args.rounds, args.repeats = \
+            [512, 1024], [1], [0.9], 1, 3
+    if args.file:
+        if not Path(args.file).is_file():
+            raise BenchError(f"no such file: {args.file}")
+        module, _ = _load_file(args.file)
+        weight = module.weight_hh_l0.detach()
+        file_sparsity = float((weight == 0).float().mean())
+        return [BenchConfig(module.hidden_size, b, s, "random", args.steps, file=args.file)
+                for b in args.batch for s in ([file_sparsity] if file_sparsity > 0.5
+                                              else args.sparsity)]
+    return [BenchConfig(h, b, s, p, args.steps) for p in args.pattern for h in args.hidden
+            for b in args.batch for s in args.sparsity]
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark the parsed options describe, print the table and save files."""
+    configs = configs_from_args(args)
+    table, bandwidth = run_benchmark(configs, args.libraries, args.rounds, args.repeats,
+                                     args.threads, log=lambda m: print(m, file=sys.stderr))
+    print(markdown_table(table, bandwidth))
+    for path in write_outputs(table, bandwidth, Path(args.out)):
+        print(f"wrote {path}")
+    return 0
+
+
+def _cli(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export.bench", description=__doc__)
+    add_arguments(parser)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--configs", default="[]", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        configs = [BenchConfig(**c) for c in json.loads(args.configs)]
+        threads = args.threads or 1
+        print(json.dumps(run_worker(args.worker, configs, threads, args.repeats)))
+        return 0
+    return main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(_cli())

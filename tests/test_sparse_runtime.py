@@ -1,0 +1,112 @@
+"""Sparse runtime: outputs equal PyTorch's modules for every kernel, cell and layout."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from export.bench import LIBRARIES, BenchConfig, run_worker
+from export.sparse_runtime import KERNELS, RuntimeConfigError, SparseRNN, to_csr32
+
+CELLS = [
+    (nn.RNN, {"nonlinearity": "tanh"}),
+    (nn.RNN, {"nonlinearity": "relu"}),
+    (nn.GRU, {}),
+    (nn.LSTM, {}),
+]
+ATOL = 1e-5
+
+
+def _pruned(cell: type, options: dict, layers: int = 2, hidden: int = 32, seed: int = 0):
+    torch.manual_seed(seed)
+    module = cell(5, hidden, num_layers=layers, **options)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if name.startswith("weight_hh"):
+                parameter.mul_(torch.rand_like(parameter) > 0.8)
+    return module
+
+
+def _max_error(actual, expected) -> float:
+    if isinstance(expected, tuple):
+        return max(_max_error(a, e) for a, e in zip(actual, expected))
+    return float((actual - expected).detach().abs().max())
+
+
+@pytest.mark.parametrize("cell,options", CELLS)
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("kernel", [*KERNELS, "auto"])
+def test_outputs_equal_module(cell, options, batch, kernel):
+    module = _pruned(cell, options)
+    x = torch.randn(7, batch, 5)
+    expected = module(x)
+    actual = SparseRNN.from_module(module, kernel=kernel)(x)
+    assert _max_error(actual[0], expected[0]) <= ATOL
+    assert _max_error(actual[1], expected[1]) <= ATOL
+
+
+@pytest.mark.parametrize("cell,options", CELLS)
+def test_initial_state_batch_first_and_state_dict(cell, options):
+    module = _pruned(cell, options, layers=3)
+    module.batch_first = True
+    x = torch.randn(2, 6, 5)
+    h0 = torch.randn(3, 2, 32)
+    state = (h0, torch.randn(3, 2, 32)) if cell is nn.LSTM else h0
+    expected = module(x, state)
+    mode = {nn.GRU: "gru", nn.LSTM: "lstm"}.get(cell, options.get("nonlinearity"))
+    runtime = SparseRNN.from_state_dict(module.state_dict(), mode=mode, kernel="csr",
+                                        batch_first=True)
+    actual = runtime(x, state)
+    assert _max_error(actual[0], expected[0]) <= ATOL
+    assert _max_error(actual[1], expected[1]) <= ATOL
+
+
+def test_unbatched_input():
+    module = _pruned(nn.GRU, {}, layers=1)
+    x = torch.randn(4, 5)
+    assert _max_error(SparseRNN.from_module(module, kernel="csr")(x)[0], module(x)[0]) <= ATOL
+
+
+def test_csr_has_int32_indices():
+    weight = torch.randn(40, 40) * (torch.rand(40, 40) > 0.9)
+    csr = to_csr32(weight)
+    assert csr.crow_indices().dtype == torch.int32
+    assert csr.col_indices().dtype == torch.int32
+    assert torch.equal(csr.to_dense(), weight)
+    runtime = SparseRNN.from_module(_pruned(nn.RNN, {}, layers=1), kernel="csr")
+    assert runtime.kernel(0, 1).weight.col_indices().dtype == torch.int32
+
+
+def test_bad_options_raise_helpful_errors():
+    with pytest.raises(RuntimeConfigError, match="expected 'auto' or one of"):
+        SparseRNN.from_module(nn.RNN(2, 4), kernel="cusparse")
+    with pytest.raises(RuntimeConfigError, match="bidirectional"):
+        SparseRNN.from_module(nn.GRU(2, 4, bidirectional=True))
+    with pytest.raises(RuntimeConfigError, match="prefix="):
+        SparseRNN.from_state_dict({"rnn.weight_hh_l0": torch.zeros(4, 4)})
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_bench_worker_row_is_well_formed(library):
+    config = BenchConfig(hidden=32, batch=2, sparsity=0.9, pattern="torus", steps=4)
+    [row] = run_worker(library, [config], threads=1, repeats=2)
+    assert row["library"] == library and row["hidden"] == 32
+    assert row["step_us"] > 0 and row["sequence_ms"] > 0 and row["bytes_per_step"] > 0
+    json.dumps(row)
+
+
+def test_bench_worker_process_prints_json():
+    root = Path(__file__).resolve().parent.parent
+    configs = json.dumps([{"hidden": 32, "batch": 1, "sparsity": 0.9, "steps": 3}])
+    done = subprocess.run(
+        [sys.executable, "-m", "export.bench", "--worker", "ours", "--configs", configs,
+         "--threads", "1", "--repeats", "1"],
+        capture_output=True, text=True, cwd=root, check=True)
+    [row] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert row["library"] == "ours" and row["kernel"] in KERNELS
