@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.hooks import RemovableHandle
 
 __all__ = ["HookSet", "current_backward_id"]
@@ -66,7 +67,7 @@ class HookSet:
         def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             callback(optimizer)
 
-        self._handles.append(torch.optim.optimizer.register_optimizer_step_post_hook(hook))
+        self._handles.append(register_optimizer_step_post_hook(hook))
 
     def on_forward(self, module: nn.Module, callback: Callable[[], None]) -> None:
         def hook(module: nn.Module, inputs: Any) -> None:

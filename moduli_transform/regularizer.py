@@ -88,6 +88,8 @@ class ModuliRegularizer(nn.Module):
         self._cache: Tensor | None = None
         if trained:
             self.set_trained(True)
+        else:
+            self.coefficients()  # computed once, here, so its memory shows from the start
 
     # -- embeddings -------------------------------------------------------------------
     @property
@@ -143,8 +145,12 @@ class ModuliRegularizer(nn.Module):
                 permutation = torch.randperm(coefficients.numel(), generator=generator)
                 coefficients = coefficients.flatten()[permutation.to(coefficients.device)].view(shape)
         if not self._trained or self.control in ("none", "l1"):
-            self._cache = coefficients.detach()
+            self._cache = coefficients = coefficients.detach()
         return coefficients
+
+    def _apply(self, *args, **kwargs):
+        self._cache = None  # recomputed lazily on the new device / dtype
+        return super()._apply(*args, **kwargs)
 
     def invalidate(self) -> None:
         """Forget the cached C (after embeddings were changed by hand)."""
@@ -166,7 +172,8 @@ class ModuliRegularizer(nn.Module):
         """``strength * reduce(C * |W|^p)`` for the full parameter ``weight``."""
         if self.control == "none" or self.strength == 0.0:
             return weight.new_zeros(())
-        weighted = self.magnitudes(weight) * self.coefficients().to(weight.dtype)
+        coefficients = self.coefficients().to(device=weight.device, dtype=weight.dtype)
+        weighted = self.magnitudes(weight) * coefficients
         total = weighted.sum()
         if self.reduction == "mean":
             total = total / weighted.numel()

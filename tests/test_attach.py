@@ -123,7 +123,9 @@ def test_penalty_is_differentiable_and_pulls_weights_down(tiny_rnn):
     penalty.backward()
     grad = tiny_rnn.rnn.weight_hh_l0.grad
     assert penalty.item() > 0 and grad is not None
-    assert bool((torch.sign(grad) == torch.sign(tiny_rnn.rnn.weight_hh_l0.detach())).all())
+    weight = tiny_rnn.rnn.weight_hh_l0.detach()
+    assert bool((grad * weight >= 0).all())  # every step of descent shrinks |W|
+    assert float((grad != 0).float().mean()) > 0.9
 
 
 # -- auto mode -------------------------------------------------------------------------
