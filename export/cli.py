@@ -1,6 +1,102 @@
 """Command-line sub-commands of the export package (export and bench sections)."""
 
-# The export command section (register_export) is written by the export engineer above this line.
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+
+# --------------------------------------------------------------------------- export
+# `moduli-transform export` (entry point export.cli:register_export).
+def register_export(subparsers) -> None:
+    """Add ``moduli-transform export``: a model factory (+ weights) -> safetensors and/or ONNX."""
+    parser = subparsers.add_parser(
+        "export", help="write a pruned model as CSR safetensors and/or ONNX",
+        description="Build the model with a factory, load weights, write safetensors / ONNX.")
+    parser.add_argument("source", nargs="?", default=None, metavar="CHECKPOINT_OR_FACTORY",
+                        help="a module:factory spec, or a .safetensors file (same as --state)")
+    parser.add_argument("--model", default=None, metavar="MODULE:FACTORY",
+                        help="callable returning the nn.Module (e.g. mypkg.models:make_rnn)")
+    parser.add_argument("--state", default=None, metavar="PATH.safetensors",
+                        help="weights (and masks) to load, written by export.save_safetensors")
+    parser.add_argument("--input-shape", default=None, metavar="B,T,F",
+                        help="shape of the example input for ONNX, e.g. 1,16,2")
+    parser.add_argument("--sequence-axis", type=int, default=None, help="time axis of the input")
+    parser.add_argument("--onnx", default=None, metavar="OUT.onnx", help="write ONNX here")
+    parser.add_argument("--sparse-initializers", action="store_true",
+                        help="store recurrent weights as ONNX sparse initializers")
+    parser.add_argument("--safetensors", default=None, metavar="OUT.safetensors",
+                        help="write CSR safetensors here")
+    parser.set_defaults(func=run_export)
+
+
+def _load_factory(spec: str):
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"--model {spec!r} is not of the form module:factory")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    factory = getattr(importlib.import_module(module_name), attribute, None)
+    if not callable(factory):
+        raise ValueError(f"{spec!r}: {attribute!r} is not a callable in module {module_name!r}")
+    return factory
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"--input-shape {text!r} is not a comma-separated list of integers") from None
+    if not shape or min(shape) < 1:
+        raise ValueError(f"--input-shape {text!r} needs positive sizes")
+    return shape
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Carry out ``moduli-transform export``; returns the exit status."""
+    import torch
+
+    from export import read_safetensors, save_safetensors, to_onnx
+
+    spec, state_path = args.model, args.state
+    if args.source is not None:
+        if args.source.endswith(".safetensors"):
+            state_path = state_path or args.source
+        else:
+            spec = spec or args.source
+    try:
+        if spec is None:
+            raise ValueError("give the model factory: moduli-transform export module:factory [--state W.safetensors]")
+        if not (args.onnx or args.safetensors):
+            raise ValueError("nothing to write: pass --onnx OUT.onnx and/or --safetensors OUT.safetensors")
+        if args.onnx and not args.input_shape:
+            raise ValueError("--onnx needs --input-shape (e.g. 1,16,2)")
+        model = _load_factory(spec)()
+        masks = None
+        if state_path:
+            loaded = read_safetensors(state_path)
+            model.load_state_dict(loaded.state_dict, strict=True)
+            masks = loaded.masks
+        if args.safetensors:
+            document = save_safetensors(model, args.safetensors, masks=masks)
+            sparse = [e for e in document["entries"] if e["storage"] == "csr"]
+            print(f"safetensors: {args.safetensors} ({os.path.getsize(args.safetensors)} bytes, "
+                  f"{len(document['entries'])} tensors, {len(sparse)} CSR, "
+                  f"overall sparsity {document['sparsity'].get('overall', 0.0):.3f})")
+        if args.onnx:
+            example = torch.randn(_parse_shape(args.input_shape), generator=torch.Generator().manual_seed(0))
+            report = to_onnx(model, (example,), args.onnx, masks=masks,
+                             sparse_initializers=args.sparse_initializers, sequence_axis=args.sequence_axis)
+            limit = "any" if report.dynamic_sequence else f"exactly {report.traced_sequence_length} (unrolled)"
+            errors = ", ".join(f"T={t}: {e:.2e}" for t, e in report.max_abs_error.items())
+            print(f"onnx: {args.onnx} ({report.file_bytes} bytes, sequence length {limit}, "
+                  f"max abs error vs PyTorch {errors}, {len(report.sparse_initializers)} sparse initializers)")
+    except (ValueError, ImportError, OSError) as error:
+        print(f"moduli-transform export: error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 # --------------------------------------------------------------------------- bench

@@ -8,6 +8,7 @@ masks, the schedule position) and keeps it off the model, so the model's paramet
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -80,18 +81,29 @@ class ModuliHandle:
                     self._hooks.on_forward(modules[owner], self._resolve_pending)
 
     def _gradient_hook(self, name: str) -> Callable[[nn.Parameter], None]:
+        # Tensor hooks are invisible to the garbage collector: hold the handle weakly there.
+        # In auto mode the forward pre-hooks (plain module dicts) keep it alive with the model.
+        handle_ref = weakref.ref(self)
+
         def hook(parameter: nn.Parameter) -> None:
-            if self.config.auto:
-                backward = current_backward_id()
-                if backward != self._last_backward:
-                    self._last_backward = backward
-                    self._resolve_pending()
-                    self._pending_steps += 1
-                if name in self.regularizers:
-                    self._add_penalty_gradient(name, parameter)
-            if name in self.masks and parameter.grad is not None:
-                parameter.grad.mul_(self.masks[name])
+            handle = handle_ref()
+            if handle is not None:
+                handle._on_gradient(name, parameter)
+
         return hook
+
+    def _on_gradient(self, name: str, parameter: nn.Parameter) -> None:
+        """Once per backward per parameter: penalty gradient (auto mode), then the mask."""
+        if self.config.auto:
+            backward = current_backward_id()
+            if backward != self._last_backward:  # first target hook of a new backward pass
+                self._last_backward = backward
+                self._resolve_pending()
+                self._pending_steps += 1
+            if name in self.regularizers:
+                self._add_penalty_gradient(name, parameter)
+        if name in self.masks and parameter.grad is not None:
+            parameter.grad.mul_(self.masks[name])
 
     def _add_penalty_gradient(self, name: str, parameter: nn.Parameter) -> None:
         regularizer = self.regularizers[name]

@@ -18,6 +18,7 @@ plain model.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -64,8 +65,14 @@ class HookSet:
         self._handles.append(parameter.register_post_accumulate_grad_hook(callback))
 
     def on_optimizer_step(self, callback: Callable[[torch.optim.Optimizer], None]) -> None:
+        """``callback`` must be a bound method; the global hook holds it weakly, so a handle
+        whose model is gone does not stay alive (nor slow down other optimizers)."""
+        method = weakref.WeakMethod(callback)
+
         def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            callback(optimizer)
+            bound = method()
+            if bound is not None:
+                bound(optimizer)
 
         self._handles.append(register_optimizer_step_post_hook(hook))
 

@@ -149,8 +149,11 @@ class ModuliRegularizer(nn.Module):
         return coefficients
 
     def _apply(self, *args, **kwargs):
-        self._cache = None  # recomputed lazily on the new device / dtype
-        return super()._apply(*args, **kwargs)
+        had_cache, self._cache = self._cache is not None, None
+        result = super()._apply(*args, **kwargs)
+        if had_cache:
+            self.coefficients()  # recomputed on the new device
+        return result
 
     def invalidate(self) -> None:
         """Forget the cached C (after embeddings were changed by hand)."""

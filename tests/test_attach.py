@@ -292,3 +292,15 @@ def test_trained_embeddings_move_and_stay_on_the_manifold(tiny_rnn):
     after = handle.regularizers["rnn.weight_hh_l0"].row_embedding
     assert not torch.equal(before, after)
     assert bool(((after >= 0) & (after < 10)).all())
+
+
+def test_a_handle_whose_model_is_gone_is_released():
+    import gc
+    import weakref
+
+    model = TinyRNNRegressor()
+    handle = mt.attach(model, sparsity=0.5, total_steps=1, auto=True)
+    reference = weakref.ref(handle)
+    del model, handle
+    gc.collect()
+    assert reference() is None

@@ -1,0 +1,563 @@
+"""The dataflow pass: find the recurrent weights of any model from a captured graph.
+
+A weight is recurrent when one of its uses reads a value computed from an earlier use of
+the same weight. The pass captures the model with ``torch.export`` (non-strict, training
+IR: Python loops are unrolled, ``nn.RNN/GRU/LSTM`` stay single ``aten.lstm``/``aten.gru``/
+``aten.rnn_*`` ops with their flat weight lists) and then:
+
+1. marks every node as data (depends on a user input), parameter-derived (computed from
+   parameters and buffers only: ``W * mask``, parametrizations) or constant;
+2. finds the *uses* of each parameter: ops that apply a parameter-derived weight to data
+   (``linear``, ``matmul``/``mm``/``addmm`` either way round, ``conv``, the ``*_cell`` ops,
+   the fused RNN ops, and ``u * h`` with a 1-D ``u``);
+3. propagates, in one topological sweep, a bit set per node naming the parameters whose
+   uses it descends from (integer tensors, e.g. sampled tokens, carry no bits);
+4. a use whose data operand carries its own parameter's bit is recurrent; walking back
+   through ``cat``/transposes tells which slice of the input (so which rows or columns of
+   the weight) reads the earlier output; ``chunk``/``split`` of the output gives gates.
+
+Example inputs need at least two time steps (T=2 or 3 is enough): with one step no use
+can depend on an earlier one.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import fx, nn
+
+from .targets import Target
+
+__all__ = ["GraphCaptureError", "capture", "find_recurrent_targets"]
+
+aten = torch.ops.aten
+
+DATA, PARAM, CONST = "data", "param", "const"
+
+WAYS_OUT = (
+    "Ways out: (1) if training calls another method, trace that one: "
+    "attach(model, example_inputs=(x,), method='name'); (2) targets='types' finds PyTorch's "
+    "recurrent layers (nn.RNN/GRU/LSTM and their cells) by type, without tracing; "
+    "(3) name the weights PEFT-style: targets=['rnn.weight_hh_l0', 're:.*h2h.*']."
+)
+
+
+class GraphCaptureError(ValueError):
+    """torch.export could not capture the model; the message lists the ways out."""
+
+
+# --------------------------------------------------------------------------- capture
+
+
+class _MethodCall(nn.Module):
+    """Exports ``model.<method>`` while keeping parameter names (under ``model.``)."""
+
+    def __init__(self, model: nn.Module, method: str) -> None:
+        super().__init__()
+        self.model = model
+        self.method = method
+
+    def forward(self, *args, **kwargs):
+        return getattr(self.model, self.method)(*args, **kwargs)
+
+
+def capture(model: nn.Module, example_inputs: tuple, method: str = "forward",
+            example_kwargs: dict | None = None) -> tuple[torch.export.ExportedProgram, str]:
+    """Capture ``model.<method>(*example_inputs)`` with non-strict ``torch.export``.
+
+    Returns:
+        The exported program and the prefix its parameter names carry ("" or "model.").
+
+    Raises:
+        GraphCaptureError: the method does not exist or export failed.
+    """
+    name = type(model).__name__
+    if not callable(getattr(model, method, None)):
+        raise GraphCaptureError(f"{name} has no method {method!r} to trace. {WAYS_OUT}")
+    root, prefix = (model, "") if method == "forward" else (_MethodCall(model, method), "model.")
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(root, inputs, kwargs=dict(example_kwargs or {}), strict=False)
+    except Exception as error:  # export raises many unrelated types; all mean "no graph"
+        detail = " ".join(str(error).split())[:400]
+        raise GraphCaptureError(
+            f"could not capture {name}.{method}() with torch.export "
+            f"({type(error).__name__}: {detail}). Data-dependent control flow (Python `if`/"
+            f"`while` on tensor values) and unsupported ops stop the capture. {WAYS_OUT}"
+        ) from error
+    return program, prefix
+
+
+def _parameter_names(model: nn.Module, program, prefix: str) -> dict[str, str]:
+    """Placeholder name -> key in ``model.named_parameters()`` (tied weights resolved)."""
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    names = {}
+    for spec in program.graph_signature.input_specs:
+        if spec.kind != torch.export.graph_signature.InputKind.PARAMETER:
+            continue
+        target = spec.target[len(prefix):] if spec.target.startswith(prefix) else spec.target
+        try:
+            names[spec.arg.name] = canonical.get(id(model.get_parameter(target)), target)
+        except AttributeError:
+            names[spec.arg.name] = target
+    return names
+
+
+def _user_inputs(program) -> set[str]:
+    kind = torch.export.graph_signature.InputKind.USER_INPUT
+    return {s.arg.name for s in program.graph_signature.input_specs if s.kind == kind}
+
+
+# --------------------------------------------------------------------------- node states
+
+
+def _value(node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _shape(node) -> tuple[int, ...]:
+    value = _value(node)
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+
+
+def _arg(node: fx.Node, index: int, name: str, default):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+@dataclass
+class _Use:
+    """One application of a weight to a value inside the captured graph."""
+
+    node: fx.Node
+    weight: fx.Node
+    data: fx.Node | None  # None: recurrent by construction (inside a fused RNN op)
+    data_dim: int = -1  # dim of ``data`` indexing the weight's input neurons
+    weight_in_dim: int = 1  # dim of the weight indexing input neurons (1: W x, 0: h @ W)
+    out_dim: int | None = None  # dim of the op's output holding output neurons (gates)
+    kind: str = "recurrent"
+    gates: int = 1
+    gate_names: tuple[str, ...] = ()
+    label: str = ""
+
+
+@dataclass
+class _Dataflow:
+    """Node states (data / parameter-derived / constant) and parameter sources."""
+
+    state: dict = field(default_factory=dict)
+    sources: dict = field(default_factory=dict)
+
+    def is_weight(self, node, ndim: int | None = 2) -> bool:
+        return (isinstance(node, fx.Node) and self.state.get(node) == PARAM
+                and (ndim is None or len(_shape(node)) == ndim))
+
+    def is_input(self, node) -> bool:
+        return isinstance(node, fx.Node) and self.state.get(node) in (DATA, CONST)
+
+
+def _classify(graph: fx.Graph, parameters: dict[str, str], inputs: set[str]) -> _Dataflow:
+    flow = _Dataflow()
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if node.name in parameters:
+                flow.state[node], flow.sources[node] = PARAM, frozenset([parameters[node.name]])
+            else:
+                flow.state[node] = DATA if node.name in inputs else CONST
+            continue
+        states = [flow.state.get(i, CONST) for i in node.all_input_nodes]
+        if DATA in states:
+            flow.state[node] = DATA
+        elif PARAM in states:
+            flow.state[node] = PARAM
+            flow.sources[node] = frozenset().union(
+                *(flow.sources[i] for i in node.all_input_nodes if i in flow.sources))
+        else:
+            flow.state[node] = CONST
+    return flow
+
+
+# --------------------------------------------------------------------------- use rules
+
+UseRule = Callable[[fx.Node, _Dataflow], list[_Use]]
+USE_RULES: dict[object, UseRule] = {}
+
+LSTM_GATES, GRU_GATES = ("i", "f", "g", "o"), ("r", "z", "n")
+
+
+def _use_rule(*ops):
+    """Register a function finding the uses in a node of one of ``ops``."""
+
+    def decorate(rule: UseRule) -> UseRule:
+        for op in ops:
+            USE_RULES[op] = rule
+        return rule
+
+    return decorate
+
+
+@_use_rule(aten.linear.default)
+def _linear_uses(node, flow):
+    data, weight = node.args[0], node.args[1]
+    if flow.is_input(data) and flow.is_weight(weight):
+        return [_Use(node, weight, data, -1, 1, -1, label="linear")]
+    return []
+
+
+def _matmul_pair(node, flow, left, right):
+    if flow.is_input(left) and flow.is_weight(right):
+        return [_Use(node, right, left, -1, 0, None, label="h @ W, parameter as (in, out)")]
+    if flow.is_weight(left) and flow.is_input(right):
+        data_dim = -2 if len(_shape(right)) >= 2 else 0
+        return [_Use(node, left, right, data_dim, 1, None, label="W @ h, parameter as (out, in)")]
+    return []
+
+
+@_use_rule(aten.matmul.default, aten.mm.default)
+def _matmul_uses(node, flow):
+    return _matmul_pair(node, flow, node.args[0], node.args[1])
+
+
+@_use_rule(aten.addmm.default)
+def _addmm_uses(node, flow):
+    return _matmul_pair(node, flow, node.args[1], node.args[2])
+
+
+@_use_rule(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default)
+def _conv_uses(node, flow):
+    data, weight = node.args[0], node.args[1]
+    if node.target is aten.convolution.default:
+        transposed, groups = _arg(node, 6, "transposed", False), _arg(node, 8, "groups", 1)
+    else:
+        transposed, groups = False, _arg(node, 6, "groups", 1)
+    if transposed or groups != 1 or not (flow.is_input(data) and flow.is_weight(weight, None)):
+        return []
+    return [_Use(node, weight, data, 1, 1, 1, kind="conv", label="conv")]
+
+
+@_use_rule(aten.mul.Tensor)
+def _elementwise_uses(node, flow):
+    for weight, data in (node.args[:2], node.args[1::-1]):
+        shape = _shape(weight)
+        if (flow.is_weight(weight, None) and flow.is_input(data) and shape
+                and all(s == 1 for s in shape[:-1]) and _shape(data)[-1:] == shape[-1:]):
+            return [_Use(node, weight, data, -1, 0, None, kind="elementwise", label="u * h")]
+    return []
+
+
+_CELLS = {aten.lstm_cell.default: LSTM_GATES, aten.gru_cell.default: GRU_GATES,
+          aten.rnn_tanh_cell.default: (), aten.rnn_relu_cell.default: ()}
+
+
+@_use_rule(*_CELLS)
+def _cell_uses(node, flow):
+    data, hx, w_ih, w_hh = node.args[:4]
+    hidden = hx[0] if isinstance(hx, (list, tuple)) else hx
+    names = _CELLS[node.target]
+    op = node.target.__name__.split(".")[0]
+    return [_Use(node, weight, value, -1, 1, None, gates=max(1, len(names)), gate_names=names,
+                 label=f"aten.{op} {role}")
+            for weight, value, role in ((w_ih, data, "weight_ih"), (w_hh, hidden, "weight_hh"))
+            if flow.is_weight(weight) and flow.is_input(value)]
+
+
+_FUSED = {aten.lstm.input: (2, LSTM_GATES), aten.lstm.data: (3, LSTM_GATES),
+          aten.gru.input: (2, GRU_GATES), aten.gru.data: (3, GRU_GATES),
+          aten.rnn_tanh.input: (2, ()), aten.rnn_tanh.data: (3, ()),
+          aten.rnn_relu.input: (2, ()), aten.rnn_relu.data: (3, ())}
+
+
+@_use_rule(*_FUSED)
+def _fused_uses(node, flow):
+    """hh (and hr) weights of a fused RNN op, by position in its flat weight list."""
+    index, names = _FUSED[node.target]
+    params, has_biases, layers = node.args[index], node.args[index + 1], node.args[index + 2]
+    directions = 2 if node.args[index + 5] else 1
+    size = len(params) // (layers * directions)
+    with_projection = size == (4 if has_biases else 2) + 1
+    op = node.target.__name__.split(".")[0]
+    uses = []
+    for group in range(layers * directions):
+        layer, direction = divmod(group, directions)
+        where = f"layer {layer}{' reverse' if direction else ''}"
+        start = group * size
+        uses.append(_Use(node, params[start + 1], None, gates=max(1, len(names)), gate_names=names,
+                         label=f"aten.{op} flat weight {start + 1} = w_hh of {where}"))
+        if with_projection:
+            uses.append(_Use(node, params[start + size - 1], None,
+                             label=f"aten.{op} flat weight {start + size - 1} = w_hr of {where}, "
+                                   "projection inside the loop"))
+    return [use for use in uses if flow.is_weight(use.weight)]
+
+
+# --------------------------------------------------------------------------- reachability
+
+
+def _propagate(graph: fx.Graph, flow: _Dataflow, bits: dict[str, int], matrix_nodes: set):
+    """Bit sets per node: parameters whose (data-consuming) uses the node descends from.
+
+    ``seed[n]``: parameters that data node ``n`` consumes directly; ``reach[n]``: seeds of
+    all ancestors; ``direct[n]``: the same but not passing through matrix uses (IndRNN's
+    ``u * h`` loop must close without a weight matrix to count as elementwise recurrence).
+    """
+    seed, reach, direct = {}, {}, {}
+    for node in graph.nodes:
+        inputs = node.all_input_nodes
+        mask = 0
+        if flow.state.get(node) == DATA:
+            for i in inputs:
+                for name in flow.sources.get(i, ()):
+                    mask |= bits[name]
+        seed[node] = mask
+        value = _value(node)
+        if isinstance(value, torch.Tensor) and not (value.is_floating_point() or value.is_complex()):
+            reach[node] = direct[node] = 0  # sampled tokens and indices carry no gradient
+            continue
+        reach[node] = direct[node] = 0
+        for i in inputs:
+            reach[node] |= reach[i] | seed[i]
+            direct[node] |= direct[i] | seed[i]
+        if node in matrix_nodes:
+            direct[node] = 0
+    return seed, reach, direct
+
+
+_CATS = {aten.cat.default, aten.concat.default, aten.concatenate.default}
+_SAME_LAYOUT = {aten.clone.default, aten.contiguous.default, aten.dropout.default,
+                aten.alias.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout,
+                aten.type_as.default, aten.detach.default}
+
+
+def _input_ranges(node, dim: int, reaches: Callable) -> list[tuple[int, int]]:
+    """Index ranges along ``dim`` of ``node`` whose values reach an earlier use."""
+    if not isinstance(node, fx.Node) or not reaches(node):
+        return []
+    shape = _shape(node)
+    if not shape:
+        return []
+    dim %= len(shape)
+    target, source = node.target, node.args[0] if node.args else None
+    if target in _CATS:
+        pieces, cat_dim = node.args[0], _arg(node, 1, "dim", 0) % len(shape)
+        if cat_dim != dim:
+            return [r for piece in pieces for r in _input_ranges(piece, dim, reaches)]
+        ranges, offset = [], 0
+        for piece in pieces:
+            ranges += [(offset + a, offset + b) for a, b in _input_ranges(piece, dim, reaches)]
+            offset += _shape(piece)[dim] if _shape(piece) else 0
+        return ranges
+    if target is aten.t.default and len(shape) == 2:
+        return _input_ranges(source, 1 - dim, reaches)
+    if target is aten.transpose.int:
+        first, second = (d % len(shape) for d in node.args[1:3])
+        return _input_ranges(source, {first: second, second: first}.get(dim, dim), reaches)
+    if target is aten.permute.default:
+        return _input_ranges(source, node.args[1][dim] % len(shape), reaches)
+    if target in _SAME_LAYOUT:
+        return _input_ranges(source, dim, reaches)
+    if target is aten.select.int:
+        selected = node.args[1] % (len(shape) + 1)
+        return _input_ranges(source, dim if dim < selected else dim + 1, reaches)
+    if target is aten.slice.Tensor and _arg(node, 1, "dim", 0) % len(shape) != dim:
+        return _input_ranges(source, dim, reaches)
+    return [(0, shape[dim])]
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, stop in sorted(ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(stop, merged[-1][1]))
+        else:
+            merged.append((start, stop))
+    return merged
+
+
+_SPLITS = {aten.chunk.default, aten.unsafe_chunk.default, aten.split.Tensor,
+           aten.unsafe_split.Tensor, aten.split_with_sizes.default,
+           aten.unsafe_split_with_sizes.default}
+_GATE_PASS = {aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.clone.default,
+              aten.contiguous.default}
+
+
+def _split_count(node: fx.Node, dim: int, size: int) -> int:
+    shape = _shape(node.args[0])
+    if _arg(node, 2, "dim", 0) % len(shape) != dim:
+        return 1
+    if node.target in (aten.chunk.default, aten.unsafe_chunk.default):
+        return node.args[1] if size % node.args[1] == 0 else 1
+    sizes = node.args[1]
+    if isinstance(sizes, int):
+        return size // sizes if size % sizes == 0 else 1
+    return len(sizes) if len(set(sizes)) == 1 else 1
+
+
+def _gate_count(node: fx.Node, out_dim: int, depth: int = 3) -> int:
+    """Number of equal chunks the output is split into along ``out_dim`` (1 when not)."""
+    shape = _shape(node)
+    if not shape:
+        return 1
+    dim, frontier = out_dim % len(shape), [node]
+    for _ in range(depth):
+        following = []
+        for current in frontier:
+            for user in current.users:
+                if user.target in _SPLITS:
+                    return _split_count(user, dim, shape[dim])
+                if user.target in _GATE_PASS and _shape(user) == shape:
+                    following.append(user)
+        frontier = following
+    return 1
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@dataclass
+class _Finding:
+    """What the recurrent uses of one parameter say about it."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str
+    in_dim: int = 1
+    steps: int = 0
+    ranges: list = field(default_factory=list)
+    full: bool = False
+    gates: int = 0
+    gate_names: tuple[str, ...] = ()
+    labels: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    from_cat: bool = False
+
+    def selection(self) -> slice:
+        merged, size = _merge(self.ranges), self.shape[self.in_dim]
+        if self.full or not merged or merged == [(0, size)]:
+            return slice(None)
+        if len(merged) > 1:
+            self.notes.append("ambiguous hidden slice " + ", ".join(f"{a}:{b}" for a, b in merged)
+                              + "; union taken")
+        return slice(merged[0][0], merged[-1][1])
+
+    def target(self) -> Target:
+        module = self.name.split(".parametrizations.")[0] if ".parametrizations." in self.name \
+            else self.name.rpartition(".")[0]
+        label = "; ".join(dict.fromkeys(self.labels))
+        if self.kind == "elementwise":
+            return Target(name=self.name, shape=self.shape, kind="elementwise", module=module,
+                          regularize=False, evidence=(
+                              f"used at {self.steps} steps ({label}); the state it scales reads the "
+                              "output of an earlier use with no weight matrix in between"))
+        selection = self.selection()
+        gates = self.gates if self.gates > 1 and self.shape[0] % self.gates == 0 else 1
+        rows, cols = (selection, slice(None)) if self.in_dim == 0 else (slice(None), selection)
+        if selection == slice(None):
+            what = "the whole input"
+        else:
+            axis = "row" if self.in_dim == 0 else "column"
+            what = (f"{axis} slice {selection.start}:{selection.stop} of the "
+                    f"{'cat ' if self.from_cat else ''}input")
+        evidence = (f"used at {self.steps} steps ({label}); {what} reads the output of an "
+                    "earlier use") if self.steps else label
+        if self.kind != "conv" and gates > 1 and not self.gate_names:
+            self.notes.append(f"output split into {gates} gates")
+        return Target(name=self.name, shape=self.shape, kind=self.kind, rows=rows, cols=cols,
+                      gates=gates, gate_names=self.gate_names if gates > 1 else (), module=module,
+                      evidence="; ".join([evidence, *dict.fromkeys(self.notes)]))
+
+
+def _record(finding: _Finding, use: _Use, ranges, weight_shape) -> None:
+    """Add one recurrent use to ``finding``, mapping input ranges onto the parameter's dims."""
+    finding.labels.append(use.label)
+    if use.data is None:
+        finding.full = True
+        finding.labels[-1] += ", recurrence inside the fused op"
+    elif finding.shape == weight_shape:
+        finding.in_dim = use.weight_in_dim
+    elif len(weight_shape) == 2 and finding.shape == weight_shape[::-1]:
+        finding.in_dim = 1 - use.weight_in_dim
+        finding.notes.append("applied transposed")
+    else:
+        finding.full = True
+        finding.notes.append(f"acts through a derived weight of shape {tuple(weight_shape)}")
+    if use.data is not None and not finding.full:
+        if _shape(use.data)[use.data_dim] != finding.shape[finding.in_dim]:
+            finding.full = True
+        finding.ranges += ranges
+        finding.from_cat |= use.data.target in _CATS
+    if not finding.gates:
+        finding.gates, finding.gate_names = use.gates, use.gate_names
+        if use.out_dim is not None and finding.in_dim == 1:
+            finding.gates = _gate_count(use.node, use.out_dim)
+
+
+def _findings(uses: list[_Use], flow: _Dataflow, tables, bits: dict[str, int],
+              shapes: dict[str, tuple[int, ...]]) -> dict[str, _Finding]:
+    seed, reach, direct = tables
+    steps: dict[str, set] = {}
+    for use in uses:
+        for name in flow.sources[use.weight]:
+            steps.setdefault(name, set()).add(use.node)
+    findings: dict[str, _Finding] = {}
+    for use in uses:
+        weight_shape = _shape(use.weight)
+        for name in sorted(flow.sources[use.weight]):
+            if use.kind == "elementwise" and len(shapes[name]) != 1:
+                continue
+            ranges = []
+            if use.data is not None:
+                table, bit = (direct if use.kind == "elementwise" else reach), bits[name]
+
+                def reaches(node, table=table, bit=bit) -> bool:
+                    return bool((table.get(node, 0) | seed.get(node, 0)) & bit)
+
+                if not reaches(use.data):
+                    continue
+                ranges = _input_ranges(use.data, use.data_dim, reaches)
+            finding = findings.setdefault(name, _Finding(name, shapes[name], use.kind))
+            finding.steps = len(steps[name]) if use.data is not None else 0
+            _record(finding, use, ranges, weight_shape)
+    return findings
+
+
+def find_recurrent_targets(model: nn.Module, example_inputs: tuple, method: str = "forward",
+                           example_kwargs: dict | None = None) -> list[Target]:
+    """Targets for every parameter used inside a recurrent loop of ``model.<method>``.
+
+    Args:
+        model: any module; it is traced, not changed.
+        example_inputs: positional inputs with at least two time steps (T=2..3 suffices).
+        method: the method training calls (``forward``, ``step``, ``generate``, ...).
+        example_kwargs: keyword inputs of that method.
+
+    Returns:
+        One Target per recurrent parameter, in ``model.named_parameters()`` order, named
+        as there, with the recurrent block (rows/cols), gates and the dataflow evidence.
+
+    Raises:
+        GraphCaptureError: torch.export could not capture the method.
+
+    Example:
+        >>> rnn = nn.GRU(3, 4, num_layers=2)
+        >>> [(t.name, t.gates) for t in find_recurrent_targets(rnn, (torch.randn(2, 1, 3),))]
+        [('weight_hh_l0', 3), ('weight_hh_l1', 3)]
+    """
+    program, prefix = capture(model, example_inputs, method, example_kwargs)
+    graph = program.graph_module.graph
+    parameters = _parameter_names(model, program, prefix)
+    flow = _classify(graph, parameters, _user_inputs(program))
+    uses = [use for node in graph.nodes
+            if node.op == "call_function" and node.target in USE_RULES
+            for use in USE_RULES[node.target](node, flow)]
+    bits = {name: 1 << index for index, name in enumerate(sorted(set(parameters.values())))}
+    matrix_nodes = {use.node for use in uses if use.kind != "elementwise"}
+    tables = _propagate(graph, flow, bits, matrix_nodes)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    findings = _findings(uses, flow, tables, bits, shapes)
+    return [findings[name].target() for name in shapes if name in findings]

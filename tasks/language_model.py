@@ -1,0 +1,262 @@
+"""Word-level language modelling with a 3-layer tanh RNN (the paper's LM; PyTorch's word LM).
+
+Corpora: a directory in the WikiText-2 layout (``train.txt``/``valid.txt``/``test.txt`` or
+``wiki.{train,valid,test}.tokens``), or one text file split by lines, deterministically,
+into the first 90% (train), the next 5% (valid) and the last 5% (test). Tokens are
+whitespace-separated words plus ``<eos>`` at each line end (as PyTorch's example); the
+vocabulary comes from the training split (optionally capped, the rest -> ``<unk>``).
+
+Training is truncated BPTT over the corpus in order, the hidden state carried between
+windows; SGD with gradient clipping, the learning rate divided by 4 whenever validation
+perplexity stops improving. The metric is perplexity (lower is better).
+
+Example:
+    >>> vocabulary = build_vocabulary([["a", "b", "a", "<eos>"]], max_size=None)
+    >>> vocabulary[:2]
+    ['a', '<eos>']
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import Preset, Task, register_task
+
+__all__ = ["Corpus", "CorpusError", "read_splits", "build_vocabulary", "load_corpus", "default_corpus_path",
+           "RNNLanguageModel", "LanguageModelPreset", "LanguageModelTask", "batchify"]
+
+SPLITS = ("train", "valid", "test")
+LAYOUTS = ({split: f"{split}.txt" for split in SPLITS}, {split: f"wiki.{split}.tokens" for split in SPLITS})
+UNKNOWN = "<unk>"
+END = "<eos>"
+
+
+class CorpusError(ValueError):
+    """The corpus path does not exist or is in no known layout."""
+
+
+def default_corpus_path() -> Path:
+    """``$MODULI_DATA`` (a corpus, or a data folder holding ``tinyshakespeare/input.txt``),
+    else ``<repo>/../shared/data/tinyshakespeare/input.txt``."""
+    root = os.environ.get("MODULI_DATA")
+    if root:
+        path = Path(root)
+        if path.is_file() or _layout(path) is not None:
+            return path
+        return path / "tinyshakespeare" / "input.txt"
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+def _layout(directory: Path) -> dict[str, str] | None:
+    if not directory.is_dir():
+        return None
+    for layout in LAYOUTS:
+        if all((directory / name).is_file() for name in layout.values()):
+            return layout
+    return None
+
+
+def _tokenize(lines: list[str]) -> list[list[str]]:
+    return [line.split() + [END] for line in lines]
+
+
+def read_splits(path: str | os.PathLike) -> dict[str, list[list[str]]]:
+    """Tokenized lines of each split, from a WikiText-layout directory or a single file.
+
+    Raises:
+        CorpusError: the path is missing, or a directory lacks both layouts.
+    """
+    path = Path(path)
+    if path.is_file():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        train_end, valid_end = int(0.9 * len(lines)), int(0.95 * len(lines))
+        parts = {"train": lines[:train_end], "valid": lines[train_end:valid_end], "test": lines[valid_end:]}
+        if min(len(p) for p in parts.values()) == 0:
+            raise CorpusError(f"{path} has {len(lines)} lines; need at least 20 for a 90/5/5 split")
+        return {split: _tokenize(part) for split, part in parts.items()}
+    layout = _layout(path)
+    if layout is None:
+        expected = " or ".join("/".join(layout.values()) for layout in LAYOUTS)
+        raise CorpusError(f"corpus {path} is neither a text file nor a directory with {expected}; "
+                          "pass --data PATH or set MODULI_DATA")
+    return {split: _tokenize((path / name).read_text(encoding="utf-8").splitlines())
+            for split, name in layout.items()}
+
+
+def build_vocabulary(lines: list[list[str]], max_size: int | None) -> list[str]:
+    """Words by descending count (ties alphabetical), ``<unk>`` included; at most ``max_size``."""
+    counts = Counter(word for line in lines for word in line)
+    words = sorted(counts, key=lambda word: (-counts[word], word))
+    if UNKNOWN not in counts:
+        words = words[:max_size - 1] if max_size else words
+        words.append(UNKNOWN)
+    elif max_size:
+        words = [w for w in words if w != UNKNOWN][:max_size - 1] + [UNKNOWN]
+    return words
+
+
+@dataclass
+class Corpus:
+    """Token ids of each split (1-D int64) and the vocabulary."""
+
+    vocabulary: list[str]
+    ids: dict[str, Tensor]
+    path: str
+
+
+def load_corpus(path: str | os.PathLike, max_vocabulary: int | None = None) -> Corpus:
+    """Read, tokenize and number a corpus (see :func:`read_splits`)."""
+    splits = read_splits(path)
+    vocabulary = build_vocabulary(splits["train"], max_vocabulary)
+    index = {word: i for i, word in enumerate(vocabulary)}
+    unknown = index[UNKNOWN]
+    ids = {split: torch.tensor([index.get(word, unknown) for line in lines for word in line], dtype=torch.int64)
+           for split, lines in splits.items()}
+    return Corpus(vocabulary, ids, str(path))
+
+
+def batchify(ids: Tensor, batch_size: int) -> Tensor:
+    """``(N,)`` -> ``(batch_size, N // batch_size)``: each row a contiguous stretch of text."""
+    columns = ids.numel() // batch_size
+    if columns < 2:
+        raise CorpusError(f"split of {ids.numel()} tokens is too short for batch size {batch_size}")
+    return ids[:columns * batch_size].view(batch_size, columns)
+
+
+class RNNLanguageModel(nn.Module):
+    """Embedding -> multi-layer tanh ``nn.RNN`` -> linear decoder to the vocabulary."""
+
+    def __init__(self, vocabulary_size: int, embedding_size: int, hidden_size: int, layers: int,
+                 dropout: float) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocabulary_size, embedding_size)
+        self.rnn = nn.RNN(embedding_size, hidden_size, num_layers=layers, nonlinearity="tanh",
+                          dropout=dropout, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        self.decoder = nn.Linear(hidden_size, vocabulary_size)
+
+    def forward(self, tokens: Tensor, hidden: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(B, T)`` token ids -> ``(B, T, V)`` logits and the last hidden state."""
+        states, hidden = self.rnn(self.dropout(self.embedding(tokens)), hidden)
+        return self.decoder(self.dropout(states)), hidden
+
+
+@dataclass(frozen=True)
+class LanguageModelPreset(Preset):
+    embedding_size: int = 650
+    hidden_size: int = 650
+    layers: int = 3
+    dropout: float = 0.5
+    batch_size: int = 20
+    bptt: int = 35
+    eval_batch_size: int = 10
+    lr_decay: float = 0.25
+    max_vocabulary: int | None = None
+    max_eval_tokens: int | None = None
+
+
+PRESETS = {
+    "test": LanguageModelPreset(steps=30, embedding_size=16, hidden_size=16, layers=3, dropout=0.0, batch_size=4,
+                                bptt=8, eval_batch_size=4, lr=5.0, clip=0.25, max_vocabulary=200,
+                                eval_every=10, log_every=5, checkpoint_every=4),
+    "cpu": LanguageModelPreset(steps=2000, embedding_size=200, hidden_size=200, layers=3, dropout=0.2,
+                               batch_size=20, bptt=35, lr=20.0, clip=0.25, max_vocabulary=10000, strength=0.1,
+                               eval_every=200, log_every=20, checkpoint_every=500),
+    # dropout 0.5 as PyTorch's 650-unit example (the paper's sizes otherwise).
+    "paper": LanguageModelPreset(steps=30000, embedding_size=650, hidden_size=650, layers=3, dropout=0.5,
+                                 batch_size=20, bptt=35, lr=20.0, clip=0.25, strength=0.1,
+                                 eval_every=1000, log_every=100, checkpoint_every=1000),
+}
+
+
+@register_task("language_model")
+class LanguageModelTask(Task):
+    """Word-level LM; metric: perplexity (lower is better)."""
+
+    metric_name = "perplexity"
+    higher_is_better = False
+    presets = PRESETS
+    preset: LanguageModelPreset
+
+    def __init__(self, preset: LanguageModelPreset, data: str | None = None) -> None:
+        super().__init__(preset, data)
+        path = Path(data) if data else default_corpus_path()
+        if not path.exists():
+            raise CorpusError(f"corpus {path} does not exist; pass --data PATH (a text file or a WikiText-2 "
+                              "layout directory) or set MODULI_DATA")
+        self.corpus = load_corpus(path, preset.max_vocabulary)
+        self.train_data = batchify(self.corpus.ids["train"], preset.batch_size)
+        self.windows = (self.train_data.shape[1] - 1) // preset.bptt
+        if self.windows < 1:
+            raise CorpusError(f"training split of {path} is too short for batch {preset.batch_size} x bptt {preset.bptt}")
+        self.eval_data = {}
+        for split in ("valid", "test"):
+            ids = self.corpus.ids[split]
+            if preset.max_eval_tokens:
+                ids = ids[:preset.max_eval_tokens]
+            self.eval_data[split] = batchify(ids, preset.eval_batch_size)
+        self.reset()
+
+    def reset(self) -> None:
+        self.hidden: Tensor | None = None
+        self.best_valid = math.inf
+
+    def build_model(self) -> nn.Module:
+        p = self.preset
+        return RNNLanguageModel(len(self.corpus.vocabulary), p.embedding_size, p.hidden_size, p.layers, p.dropout)
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(model.parameters(), lr=self.preset.lr)
+
+    def train_batch(self, step: int, generator: torch.Generator) -> tuple[Tensor, Tensor, bool]:
+        window = step % self.windows
+        start = window * self.preset.bptt
+        stop = start + self.preset.bptt
+        return self.train_data[:, start:stop], self.train_data[:, start + 1:stop + 1], window == 0
+
+    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor, bool]) -> tuple[Tensor, float]:
+        inputs, targets, new_epoch = batch
+        hidden = None if new_epoch else self.hidden
+        logits, hidden = model(inputs, hidden)
+        self.hidden = hidden.detach()
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return loss, math.exp(min(float(loss.detach()), 50.0))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str = "valid") -> float:
+        data = self.eval_data[split]
+        total, count, hidden = 0.0, 0, None
+        for start in range(0, data.shape[1] - 1, self.preset.bptt):
+            stop = min(start + self.preset.bptt, data.shape[1] - 1)
+            logits, hidden = model(data[:, start:stop], hidden)
+            targets = data[:, start + 1:stop + 1]
+            total += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                       reduction="sum"))
+            count += targets.numel()
+        return math.exp(min(total / count, 50.0))
+
+    def after_evaluate(self, metric: float, optimizer: torch.optim.Optimizer) -> None:
+        if metric < self.best_valid:
+            self.best_valid = metric
+            return
+        for group in optimizer.param_groups:
+            group["lr"] *= self.preset.lr_decay
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"hidden": self.hidden, "best_valid": self.best_valid}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.hidden = state["hidden"]
+        self.best_valid = float(state["best_valid"])
+
+    def describe(self) -> dict[str, Any]:
+        return {"corpus": self.corpus.path, "vocabulary_size": len(self.corpus.vocabulary),
+                "tokens": {split: int(ids.numel()) for split, ids in self.corpus.ids.items()}}

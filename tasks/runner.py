@@ -1,0 +1,424 @@
+"""One training run: dense, then gradually pruned, then (optionally) a lottery-ticket retrain.
+
+A run has ``steps`` optimizer steps in three phases, then an optional fourth:
+
+* ``dense``: train with the task loss plus the moduli penalty;
+* ``prune``: same loss while the handle ramps sparsity linearly from 0 to ``sparsity``
+  (the handle's ``total_steps`` is this phase's length);
+* ``finetune``: same loss at the final sparsity, masks fixed by magnitude;
+* ``lottery`` (``lottery=True``): ``handle.lottery("random")`` re-initialises the weights,
+  keeps the masks fixed, and the task loss alone is trained from scratch with a fresh
+  optimizer.
+
+The metric is measured on the test split at three points: ``dense_metric`` (end of the
+dense phase, before any pruning), ``sparse_metric`` (end of fine-tuning) and
+``lottery_metric`` (end of the lottery retrain).
+
+The run directory holds ``config.json`` (the resolved configuration), ``metrics.jsonl``
+(one record per log/eval: step, phase, kind, loss, metric, sparsity),
+``weights.safetensors`` (model ``state_dict`` plus ``mask/<param>`` for every mask),
+``summary.json`` and ``checkpoints/``. Checkpoints hold everything that moves during
+training (weights, optimizer, handle, task state, every RNG), so ``resume=True`` ends
+with bit-identical weights and masks to an uninterrupted run.
+
+Example:
+    >>> config = RunConfig(task="adding", preset="test", out="runs/example")
+    >>> RunConfig.from_json(config.to_json()) == config
+    True
+    >>> RunConfig(task="adding", regularizer="l2")
+    Traceback (most recent call last):
+    ...
+    tasks.runner.RunConfigError: unknown regularizer 'l2'; expected one of moduli, l1, shuffled, none
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from . import TASKS, Task, get_task
+from .checkpoint import (capture_training_state, flatten_state, load_checkpoint, restore_training_state,
+                         save_checkpoint, unflatten_state)
+
+__all__ = ["RunConfig", "RunConfigError", "RunInterrupted", "Phases", "LinearRamp", "run", "SUMMARY_KEYS",
+           "METRIC_KEYS"]
+
+REGULARIZERS = ("moduli", "l1", "shuffled", "none")
+EMBEDDINGS = ("fixed", "trained")
+SUMMARY_KEYS = ("task", "preset", "regularizer", "manifold", "inhibitor", "embedding", "sparsity", "seed",
+                "metric_name", "higher_is_better", "dense_metric", "sparse_metric", "lottery_metric",
+                "wall_time_s", "data_time_fraction", "steps")
+METRIC_KEYS = ("step", "phase", "kind", "loss", "metric", "sparsity")
+WEIGHTS_FILE = "weights.safetensors"
+
+
+class RunConfigError(ValueError):
+    """A run option with a bad value."""
+
+
+class RunInterrupted(RuntimeError):
+    """Raised by :func:`run` when ``stop_after`` is reached (a simulated crash)."""
+
+
+def _choice(option: str, value: Any, choices: Any) -> None:
+    if value not in choices:
+        raise RunConfigError(f"unknown {option} {value!r}; expected one of {', '.join(choices)}")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run; validated on creation, JSON round trip.
+
+    ``strength``, ``steps`` and ``checkpoint_every`` override the preset when given;
+    ``out`` defaults to ``runs/<task>-<preset>-<regularizer>-<manifold>-<sparsity>-s<seed>``.
+    """
+
+    task: str
+    preset: str = "cpu"
+    manifold: str = "torus"
+    inhibitor: str = "dog"
+    regularizer: str = "moduli"
+    embedding: str = "fixed"
+    sparsity: float = 0.9
+    lottery: bool = False
+    seed: int = 0
+    out: str | None = None
+    strength: float | None = None
+    steps: int | None = None
+    resume: bool = False
+    data: str | None = None
+    checkpoint_every: int | None = None
+
+    def __post_init__(self) -> None:
+        _choice("task", self.task, sorted(TASKS))
+        _choice(f"preset for task {self.task!r}", self.preset, list(TASKS[self.task].presets))
+        _choice("regularizer", self.regularizer, REGULARIZERS)
+        _choice("embedding", self.embedding, EMBEDDINGS)
+        if not isinstance(self.manifold, str) or not isinstance(self.inhibitor, str):
+            raise RunConfigError("manifold and inhibitor must be registry names (str) so runs are recorded in JSON")
+        if not 0.0 <= float(self.sparsity) < 1.0:
+            raise RunConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise RunConfigError(f"seed must be an int >= 0, got {self.seed!r}")
+        if self.strength is not None and float(self.strength) < 0:
+            raise RunConfigError(f"strength must be >= 0, got {self.strength}")
+        if self.steps is not None and int(self.steps) < 3:
+            raise RunConfigError(f"steps must be >= 3 (dense, prune, fine-tune), got {self.steps}")
+        if self.checkpoint_every is not None and int(self.checkpoint_every) < 1:
+            raise RunConfigError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        self.sparsity = float(self.sparsity)
+        if self.out is None:
+            self.out = str(Path("runs") / f"{self.task}-{self.preset}-{self.regularizer}-{self.manifold}-"
+                                          f"{self.sparsity:g}-s{self.seed}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RunConfigError(f"unknown run config keys {unknown}; expected some of {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunConfig":
+        return cls.from_dict(json.loads(text))
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that must match for a checkpoint to be resumed (all but ``resume``)."""
+        return {k: v for k, v in self.to_dict().items() if k != "resume"}
+
+
+@dataclass(frozen=True)
+class Phases:
+    """Step counts of the phases; steps are numbered globally from 0."""
+
+    dense: int
+    prune: int
+    finetune: int
+    lottery: int
+
+    @classmethod
+    def plan(cls, steps: int, dense_fraction: float, prune_fraction: float, lottery: int) -> "Phases":
+        dense = max(1, round(steps * dense_fraction))
+        prune = max(1, min(round(steps * prune_fraction), steps - dense - 1))
+        return cls(dense, prune, steps - dense - prune, lottery)
+
+    @property
+    def sparse_end(self) -> int:
+        return self.dense + self.prune + self.finetune
+
+    @property
+    def total(self) -> int:
+        return self.sparse_end + self.lottery
+
+    def at(self, step: int) -> tuple[str, int]:
+        """``(phase name, step within the phase)`` of global step ``step``."""
+        start = 0
+        for name in ("dense", "prune", "finetune", "lottery"):
+            length = getattr(self, name)
+            if step < start + length:
+                return name, step - start
+            start += length
+        raise ValueError(f"step {step} is past the run's {self.total} steps")
+
+
+class LinearRamp:
+    """Sparsity schedule ``final * clamp((k - start) / length, 0, 1)`` after ``k`` handle steps.
+
+    Zero through the dense phase, linear over the prune phase, ``final`` afterwards.
+
+    Example:
+        >>> ramp = LinearRamp(0.9, start=2, length=3)
+        >>> [round(ramp(k), 2) for k in range(7)]
+        [0.0, 0.0, 0.0, 0.3, 0.6, 0.9, 0.9]
+    """
+
+    def __init__(self, final: float, start: int, length: int) -> None:
+        self.final, self.start, self.length = float(final), int(start), int(length)
+        self.spec = {"schedule": "linear_ramp", "final": self.final, "start": self.start, "length": self.length}
+
+    def __call__(self, step: int) -> float:
+        return self.final * min(max((step - self.start) / self.length, 0.0), 1.0)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    numpy.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(temporary, path)
+
+
+def _save_weights(path: Path, model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    tensors = {name: tensor.detach().cpu().clone().contiguous() for name, tensor in model.state_dict().items()}
+    tensors.update({f"mask/{name}": mask.detach().cpu().clone().contiguous() for name, mask in masks.items()})
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(temporary), metadata={"format": "moduli-transform-run"})
+    os.replace(temporary, path)
+
+
+@dataclass
+class _Progress:
+    """What the loop accumulates; all of it goes into checkpoints."""
+
+    step: int = 0
+    results: dict[str, Any] = field(default_factory=dict)
+    wall_time_s: float = 0.0
+    data_time_s: float = 0.0
+    step_time_s: float = 0.0
+    metrics_bytes: int = 0
+
+
+class _Run:
+    """The state of one run while it trains (kept off the public API)."""
+
+    def __init__(self, config: RunConfig) -> None:
+        import moduli_transform as mt
+
+        self.config = config
+        self.out = Path(config.out)
+        task_class = get_task(config.task)
+        self.preset = task_class.get_preset(config.preset).with_overrides(
+            strength=config.strength, checkpoint_every=config.checkpoint_every)
+        self.task: Task = task_class(self.preset, data=config.data)
+        lottery_steps = (self.preset.lottery_steps or (config.steps or self.preset.steps)) if config.lottery else 0
+        self.phases = Phases.plan(config.steps or self.preset.steps, self.preset.dense_fraction,
+                                  self.preset.prune_fraction, lottery_steps)
+        seed_everything(config.seed)
+        self.model = self.task.build_model()
+        self.handle = mt.attach(
+            self.model, manifold=config.manifold, inhibitor=config.inhibitor, strength=self.preset.strength,
+            embedding=config.embedding, control=config.regularizer, sparsity=config.sparsity,
+            schedule=LinearRamp(config.sparsity, self.phases.dense, self.phases.prune),
+            total_steps=self.phases.prune, seed=config.seed)
+        self.optimizer = self.task.make_optimizer(self.model)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.progress = _Progress()
+
+    # -- checkpoints ----------------------------------------------------------------------
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+    def save_checkpoint(self) -> None:
+        task_tensors, task_state = flatten_state(self.task.state_dict(), "task")
+        extra = {"config": self.config.identity(), "progress": asdict(self.progress), "task": task_state}
+        tensors, state = capture_training_state(self.progress.step, self.model, self.optimizer, self.handle,
+                                                {"data": self.generator}, extra)
+        tensors.update(task_tensors)
+        save_checkpoint(self.checkpoints, tensors, state)
+
+    def restore(self) -> bool:
+        """Load the newest checkpoint; False when there is none."""
+        loaded = load_checkpoint(self.checkpoints)
+        if loaded is None:
+            return False
+        tensors, state = loaded
+        saved = state["extra"]["config"]
+        if saved != self.config.identity():
+            changed = sorted(k for k in saved if saved[k] != self.config.identity().get(k))
+            raise RunConfigError(f"cannot resume {self.out}: the checkpoint was made with other settings "
+                                 f"({', '.join(changed)}); use another --out or the same options")
+        restore_training_state(tensors, state, self.model, self.optimizer, self.handle, {"data": self.generator})
+        self.task.load_state_dict(unflatten_state(state["extra"]["task"], tensors))
+        self.progress = _Progress(**state["extra"]["progress"])
+        return True
+
+    # -- training -------------------------------------------------------------------------
+    def log(self, file: Any, phase: str, kind: str, loss: float | None, metric: float) -> None:
+        record = {"step": self.progress.step, "phase": phase, "kind": kind, "loss": loss, "metric": metric,
+                  "sparsity": self.handle.sparsity()["overall"]}
+        file.write(json.dumps(record) + "\n")
+
+    def train_step(self, phase: str, phase_step: int) -> tuple[float, float]:
+        started = time.perf_counter()
+        batch = self.task.train_batch(phase_step, self.generator)
+        data_done = time.perf_counter()
+        self.model.train()
+        loss, metric = self.task.loss(self.model, batch)
+        # The lottery ticket retrains the task loss alone, masks fixed.
+        total = loss if phase == "lottery" else loss + self.handle.penalty()
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.preset.clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.preset.clip)
+        self.optimizer.step()
+        self.handle.step()
+        finished = time.perf_counter()
+        self.progress.data_time_s += data_done - started
+        self.progress.step_time_s += finished - started
+        return float(total.detach()), metric
+
+    def evaluate(self, split: str) -> float:
+        self.model.eval()
+        try:
+            return self.task.evaluate(self.model, split)
+        finally:
+            self.model.train()
+
+    def after_step(self, file: Any, phase: str, loss: float, metric: float) -> float | None:
+        """Logging, evaluations and phase transitions after step ``progress.step``; returns a validation metric."""
+        step, results, phases = self.progress.step, self.progress.results, self.phases
+        if step % self.preset.log_every == 0:
+            self.log(file, phase, "train", loss, metric)
+        valid = None
+        if step % self.preset.eval_every == 0:
+            valid = self.evaluate("valid")
+            self.task.after_evaluate(valid, self.optimizer)
+            self.log(file, phase, "valid", None, valid)
+        marks = {phases.dense: "dense_metric", phases.sparse_end: "sparse_metric"}
+        if phases.lottery:
+            marks[phases.total] = "lottery_metric"
+        if step in marks:
+            results[marks[step]] = self.evaluate("test")
+            results[marks[step].replace("metric", "sparsity")] = self.handle.sparsity()["overall"]
+            self.log(file, phase, "test", None, results[marks[step]])
+        if step == phases.sparse_end and phases.lottery:
+            self.handle.lottery("random")
+            self.optimizer = self.task.make_optimizer(self.model)
+            self.task.reset()
+        return valid
+
+    def train(self, progress: bool, stop_after: int | None) -> None:
+        metrics_path = self.out / "metrics.jsonl"
+        with open(metrics_path, "r+" if metrics_path.exists() else "w") as file:
+            file.truncate(self.progress.metrics_bytes)
+            file.seek(self.progress.metrics_bytes)
+            bar = tqdm(total=self.phases.total, initial=self.progress.step, disable=not progress,
+                       desc=f"{self.config.task}/{self.config.regularizer}", dynamic_ncols=True)
+            with bar:
+                resumed_at = time.perf_counter() - self.progress.wall_time_s
+                while self.progress.step < self.phases.total:
+                    if stop_after is not None and self.progress.step >= stop_after:
+                        raise RunInterrupted(f"stopped after step {self.progress.step} (stop_after)")
+                    phase, phase_step = self.phases.at(self.progress.step)
+                    loss, metric = self.train_step(phase, phase_step)
+                    self.progress.step += 1
+                    valid = self.after_step(file, phase, loss, metric)
+                    bar.update(1)
+                    if valid is not None:
+                        bar.set_postfix(phase=phase, **{self.task.metric_name: f"{valid:.4g}"})
+                    self.progress.wall_time_s = time.perf_counter() - resumed_at
+                    if self.progress.step % self.preset.checkpoint_every == 0 or self.progress.step == self.phases.total:
+                        file.flush()
+                        self.progress.metrics_bytes = file.tell()
+                        self.save_checkpoint()
+
+    def summary(self) -> dict[str, Any]:
+        results, config, progress = self.progress.results, self.config, self.progress
+        return {
+            "task": config.task, "preset": config.preset, "regularizer": config.regularizer,
+            "manifold": config.manifold, "inhibitor": config.inhibitor, "embedding": config.embedding,
+            "sparsity": config.sparsity, "seed": config.seed, "strength": self.preset.strength,
+            "metric_name": self.task.metric_name, "higher_is_better": self.task.higher_is_better,
+            "dense_metric": results.get("dense_metric"), "sparse_metric": results.get("sparse_metric"),
+            "lottery_metric": results.get("lottery_metric"),
+            "dense_sparsity": results.get("dense_sparsity"), "sparse_sparsity": results.get("sparse_sparsity"),
+            "lottery_sparsity": results.get("lottery_sparsity"),
+            "wall_time_s": progress.wall_time_s,
+            "data_time_fraction": progress.data_time_s / progress.step_time_s if progress.step_time_s else 0.0,
+            "steps": progress.step,
+            "phases": {"dense": self.phases.dense, "prune": self.phases.prune, "finetune": self.phases.finetune,
+                       "lottery": self.phases.lottery},
+        }
+
+    def resolved_config(self) -> dict[str, Any]:
+        return {"run": self.config.to_dict(), "preset": self.preset.to_dict(),
+                "phases": self.summary()["phases"], "moduli": self.handle.config.to_dict(),
+                "task": self.task.describe(), "torch": torch.__version__}
+
+
+def run(config: RunConfig, *, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+    """Train, prune and (optionally) retrain the lottery ticket; write the run directory.
+
+    Args:
+        config: the run. With ``config.resume`` the newest checkpoint in
+            ``<out>/checkpoints`` is continued (a fresh start when there is none);
+            without it, old checkpoints in ``out`` are deleted first.
+        progress: show a tqdm progress bar with the latest validation metric.
+        stop_after: stop (raise :class:`RunInterrupted`) once this many steps are done,
+            as a crash would; checkpoints already written stay. For tests.
+
+    Returns:
+        The summary (also written to ``<out>/summary.json``; keys :data:`SUMMARY_KEYS`
+        and the measured sparsity at each evaluation point).
+
+    Raises:
+        RunConfigError: resuming with options different from the checkpoint's.
+    """
+    state = _Run(config)
+    state.out.mkdir(parents=True, exist_ok=True)
+    try:
+        if not (config.resume and state.restore()):
+            shutil.rmtree(state.checkpoints, ignore_errors=True)
+            (state.out / "metrics.jsonl").unlink(missing_ok=True)
+        _atomic_json(state.out / "config.json", state.resolved_config())
+        state.train(progress, stop_after)
+        _save_weights(state.out / WEIGHTS_FILE, state.model, state.handle.masks)
+        summary = state.summary()
+        _atomic_json(state.out / "summary.json", summary)
+        return summary
+    finally:
+        # The handle's optimizer hook is global; leave no hooks behind for later runs.
+        state.handle.remove()
