@@ -284,8 +284,7 @@ def _map_initializers(graph: Any, model: nn.Module) -> list[InitializerMapping]:
         if initializer in mappings:
             continue
         for name, value in parameters.items():
-            if initializer == name and array.shape == value.shape or (
-                    array.shape == value.shape and np.array_equal(array, value)):
+            if array.shape == value.shape and (initializer == name or np.array_equal(array, value)):
                 mappings[initializer] = InitializerMapping(initializer, "param", [name])
                 break
             if value.ndim == 2 and array.shape == value.T.shape and np.array_equal(array, value.T):
@@ -302,9 +301,8 @@ def _onnx_mask(mapping: InitializerMapping, masks: Mapping[str, Tensor]) -> Tens
     if mapping.role == "param":
         mask = masks[parameters[0]]
         return mask.T if mapping.transposed else mask
-    raise_if_partial = [name for name in parameters if name not in masks]
-    if raise_if_partial:
-        return None  # e.g. B of a layer whose weights are masked but biases are not
+    if not all(name in masks for name in parameters):
+        return None  # e.g. B of a layer whose biases are only partly masked
     per_direction = [_permute_gates(masks[name], mapping.op_type) for name in parameters]
     if mapping.role == "B":
         per_direction = [torch.cat(per_direction[i:i + 2]) for i in range(0, len(per_direction), 2)]

@@ -12,7 +12,7 @@ Example:
     >>> rnn = nn.RNN(2, 4)
     >>> mask = torch.rand(4, 4, generator=torch.Generator().manual_seed(0)) > 0.5
     >>> with torch.no_grad():
-    ...     rnn.weight_hh_l0.mul_(mask)
+    ...     _ = rnn.weight_hh_l0.mul_(mask)
     >>> path = os.path.join(tempfile.mkdtemp(), "rnn.safetensors")
     >>> _ = save_safetensors(rnn, path, masks={"weight_hh_l0": mask})
     >>> state = load_safetensors(path)

@@ -205,18 +205,21 @@ def _use_rule(*ops):
 @_use_rule(aten.linear.default)
 def _linear_uses(node, flow):
     data, weight = node.args[0], node.args[1]
-    if flow.is_input(data) and flow.is_weight(weight):
+    if flow.is_weight(weight):
         return [_Use(node, weight, data, -1, 1, -1, label="linear")]
     return []
 
 
 def _matmul_pair(node, flow, left, right):
-    if flow.is_input(left) and flow.is_weight(right):
-        return [_Use(node, right, left, -1, 0, None, label="h @ W, parameter as (in, out)")]
-    if flow.is_weight(left) and flow.is_input(right):
+    """``h @ W`` and/or ``W @ h``; both when both sides are parameter-derived (such uses
+    only seed the reachability, e.g. a learnable initial state times W_hh)."""
+    uses = []
+    if flow.is_weight(right):
+        uses.append(_Use(node, right, left, -1, 0, None, label="h @ W, parameter as (in, out)"))
+    if flow.is_weight(left):
         data_dim = -2 if len(_shape(right)) >= 2 else 0
-        return [_Use(node, left, right, data_dim, 1, None, label="W @ h, parameter as (out, in)")]
-    return []
+        uses.append(_Use(node, left, right, data_dim, 1, None, label="W @ h, parameter as (out, in)"))
+    return uses
 
 
 @_use_rule(aten.matmul.default, aten.mm.default)
@@ -236,7 +239,7 @@ def _conv_uses(node, flow):
         transposed, groups = _arg(node, 6, "transposed", False), _arg(node, 8, "groups", 1)
     else:
         transposed, groups = False, _arg(node, 6, "groups", 1)
-    if transposed or groups != 1 or not (flow.is_input(data) and flow.is_weight(weight, None)):
+    if transposed or groups != 1 or not flow.is_weight(weight, None):
         return []
     return [_Use(node, weight, data, 1, 1, 1, kind="conv", label="conv")]
 
@@ -264,7 +267,7 @@ def _cell_uses(node, flow):
     return [_Use(node, weight, value, -1, 1, None, gates=max(1, len(names)), gate_names=names,
                  label=f"aten.{op} {role}")
             for weight, value, role in ((w_ih, data, "weight_ih"), (w_hh, hidden, "weight_hh"))
-            if flow.is_weight(weight) and flow.is_input(value)]
+            if flow.is_weight(weight)]
 
 
 _FUSED = {aten.lstm.input: (2, LSTM_GATES), aten.lstm.data: (3, LSTM_GATES),
@@ -288,41 +291,39 @@ def _fused_uses(node, flow):
         where = f"layer {layer}{' reverse' if direction else ''}"
         start = group * size
         uses.append(_Use(node, params[start + 1], None, gates=max(1, len(names)), gate_names=names,
-                         label=f"aten.{op} flat weight {start + 1} = w_hh of {where}"))
+                         label=f"fused aten.{op}: flat weight {start + 1} is w_hh of {where}"))
         if with_projection:
             uses.append(_Use(node, params[start + size - 1], None,
-                             label=f"aten.{op} flat weight {start + size - 1} = w_hr of {where}, "
-                                   "projection inside the loop"))
+                             label=f"fused aten.{op}: flat weight {start + size - 1} is w_hr of "
+                                   f"{where}, the projection inside the loop"))
     return [use for use in uses if flow.is_weight(use.weight)]
 
 
 # --------------------------------------------------------------------------- reachability
 
 
-def _propagate(graph: fx.Graph, flow: _Dataflow, bits: dict[str, int], matrix_nodes: set):
-    """Bit sets per node: parameters whose (data-consuming) uses the node descends from.
+def _propagate(graph: fx.Graph, uses: list[_Use], flow: _Dataflow, bits: dict[str, int]):
+    """Bit sets per node: the parameters whose uses the node's value descends from.
 
-    ``seed[n]``: parameters that data node ``n`` consumes directly; ``reach[n]``: seeds of
-    all ancestors; ``direct[n]``: the same but not passing through matrix uses (IndRNN's
-    ``u * h`` loop must close without a weight matrix to count as elementwise recurrence).
+    ``seed[n]``: parameters that use ``n`` applies; ``reach[n]``: seeds of all ancestors;
+    ``direct[n]``: the same without passing through matrix uses (IndRNN's ``u * h`` loop
+    must close without a weight matrix in between to count as elementwise recurrence).
+    Only uses seed: a tied embedding lookup feeding its own decoder is no loop.
     """
-    seed, reach, direct = {}, {}, {}
+    seed: dict = {}
+    for use in uses:
+        for name in flow.sources[use.weight]:
+            seed[use.node] = seed.get(use.node, 0) | bits[name]
+    matrix_nodes = {use.node for use in uses if use.kind != "elementwise"}
+    reach, direct = {}, {}
     for node in graph.nodes:
-        inputs = node.all_input_nodes
-        mask = 0
-        if flow.state.get(node) == DATA:
-            for i in inputs:
-                for name in flow.sources.get(i, ()):
-                    mask |= bits[name]
-        seed[node] = mask
+        reach[node] = direct[node] = 0
         value = _value(node)
         if isinstance(value, torch.Tensor) and not (value.is_floating_point() or value.is_complex()):
-            reach[node] = direct[node] = 0  # sampled tokens and indices carry no gradient
-            continue
-        reach[node] = direct[node] = 0
-        for i in inputs:
-            reach[node] |= reach[i] | seed[i]
-            direct[node] |= direct[i] | seed[i]
+            continue  # sampled tokens and indices carry no gradient
+        for i in node.all_input_nodes:
+            reach[node] |= reach[i] | seed.get(i, 0)
+            direct[node] |= direct[i] | seed.get(i, 0)
         if node in matrix_nodes:
             direct[node] = 0
     return seed, reach, direct
@@ -477,7 +478,8 @@ def _record(finding: _Finding, use: _Use, ranges, weight_shape) -> None:
     finding.labels.append(use.label)
     if use.data is None:
         finding.full = True
-        finding.labels[-1] += ", recurrence inside the fused op"
+        finding.labels[-1] += (" (by position in w_ih, w_hh, b_ih, b_hh[, w_hr] per layer and "
+                               "direction); the recurrence is inside the op")
     elif finding.shape == weight_shape:
         finding.in_dim = use.weight_in_dim
     elif len(weight_shape) == 2 and finding.shape == weight_shape[::-1]:
@@ -500,10 +502,11 @@ def _record(finding: _Finding, use: _Use, ranges, weight_shape) -> None:
 def _findings(uses: list[_Use], flow: _Dataflow, tables, bits: dict[str, int],
               shapes: dict[str, tuple[int, ...]]) -> dict[str, _Finding]:
     seed, reach, direct = tables
-    steps: dict[str, set] = {}
+    steps: dict[tuple[str, str], set] = {}  # (parameter, rule label) -> applications to data
     for use in uses:
-        for name in flow.sources[use.weight]:
-            steps.setdefault(name, set()).add(use.node)
+        if use.data is not None and flow.state.get(use.data) != PARAM:
+            for name in flow.sources[use.weight]:
+                steps.setdefault((name, use.label), set()).add(use.node)
     findings: dict[str, _Finding] = {}
     for use in uses:
         weight_shape = _shape(use.weight)
@@ -521,7 +524,7 @@ def _findings(uses: list[_Use], flow: _Dataflow, tables, bits: dict[str, int],
                     continue
                 ranges = _input_ranges(use.data, use.data_dim, reaches)
             finding = findings.setdefault(name, _Finding(name, shapes[name], use.kind))
-            finding.steps = len(steps[name]) if use.data is not None else 0
+            finding.steps = len(steps.get((name, use.label), ())) if use.data is not None else 0
             _record(finding, use, ranges, weight_shape)
     return findings
 
@@ -556,8 +559,7 @@ def find_recurrent_targets(model: nn.Module, example_inputs: tuple, method: str 
             if node.op == "call_function" and node.target in USE_RULES
             for use in USE_RULES[node.target](node, flow)]
     bits = {name: 1 << index for index, name in enumerate(sorted(set(parameters.values())))}
-    matrix_nodes = {use.node for use in uses if use.kind != "elementwise"}
-    tables = _propagate(graph, flow, bits, matrix_nodes)
+    tables = _propagate(graph, uses, flow, bits)
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     findings = _findings(uses, flow, tables, bits, shapes)
     return [findings[name].target() for name in shapes if name in findings]

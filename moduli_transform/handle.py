@@ -175,7 +175,8 @@ class ModuliHandle:
     def apply_masks(self) -> None:
         """Zero every pruned weight in place."""
         for name, mask in self.masks.items():
-            self._parameters[name].mul_(mask)
+            # masked_fill, not mul: a pruned negative weight must become +0.0, not -0.0.
+            self._parameters[name].masked_fill_(~mask, 0.0)
 
     def prune_now(self, sparsity: float) -> None:
         """Prune immediately to ``sparsity`` (outside the schedule), e.g. one-shot at the end."""

@@ -66,4 +66,4 @@ class MagnitudeSparsifier:
 def apply_masks(parameters: dict[str, Tensor], masks: dict[str, Tensor]) -> None:
     """Zero the pruned entries of each parameter in place."""
     for name, mask in masks.items():
-        parameters[name].mul_(mask)
+        parameters[name].masked_fill_(~mask, 0.0)

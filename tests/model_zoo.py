@@ -1,0 +1,482 @@
+"""A zoo of recurrent (and not recurrent) model styles, written the way public code writes them.
+
+Each :class:`ZooCase` holds a factory, example inputs (tiny, T=3 steps) and the ground truth
+of the dataflow pass: the set of ``(name, kind, (row start, row stop), (col start, col stop),
+gates)`` it must return, nothing more. Sizes are odd on purpose (I=3, H=5) so that a slice
+off by one or taken on the wrong axis shows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import orthogonal
+
+I, H, O, T, B = 3, 5, 4, 3, 2  # input, hidden, output sizes, time steps, batch
+ALL = (None, None)
+
+
+def sequence(batch: int = B, steps: int = T, features: int = I) -> torch.Tensor:
+    return torch.randn(batch, steps, features)
+
+
+# ------------------------------------------------------------------ cat([x, h]) cells
+
+
+class TutorialCharRNN(nn.Module):
+    """PyTorch char-RNN tutorial: i2h and i2o read ``cat((input, hidden), 1)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.i2h = nn.Linear(I + H, H)
+        self.i2o = nn.Linear(I + H, O)
+        self.softmax = nn.LogSoftmax(dim=1)
+
+    def forward(self, line: torch.Tensor) -> torch.Tensor:
+        hidden = torch.zeros(line.shape[0], H)
+        for t in range(line.shape[1]):
+            combined = torch.cat((line[:, t], hidden), 1)
+            hidden = self.i2h(combined)
+            output = self.softmax(self.i2o(combined))
+        return output
+
+
+class ThreeWayCatRNN(nn.Module):
+    """Input, a static context vector and the hidden state in one cat."""
+
+    def __init__(self, context: int = 2) -> None:
+        super().__init__()
+        self.cell = nn.Linear(I + context + H, H)
+        self.head = nn.Linear(H, O)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.shape[0], H)
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.cell(torch.cat([x[:, t], context, h], dim=-1)))
+        return self.head(h)
+
+
+class HiddenFirstCatRNN(nn.Module):
+    """``cat([h, x])``: the hidden slice comes first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn_cell = nn.Linear(H + I, H)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], H)
+        outputs = []
+        for x_t in x.unbind(1):
+            h = torch.relu(self.rnn_cell(torch.cat([h, x_t], 1)))
+            outputs.append(h)
+        return torch.stack(outputs, 1)
+
+
+class ManualLSTM(nn.Module):
+    """One Linear on ``cat([x, h])`` producing the four gates, split with chunk."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates = nn.Linear(I + H, 4 * H)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = c = x.new_zeros(x.shape[0], H)
+        for t in range(x.shape[1]):
+            i, f, g, o = self.gates(torch.cat([x[:, t], h], 1)).chunk(4, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+        return h
+
+
+# ------------------------------------------------------------------ two-matrix cells
+
+
+class ElmanRNN(nn.Module):
+    """``h = tanh(W_in x + W_hh h)`` with two nn.Linear, plus a read-out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_layer = nn.Linear(I, H)
+        self.hidden_layer = nn.Linear(H, H)
+        self.readout = nn.Linear(H, O)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], H)
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.input_layer(x[:, t]) + self.hidden_layer(h))
+        return self.readout(h)
+
+
+class LeakyCTRNN(nn.Module):
+    """Neuroscience-style continuous-time RNN with private noise (time-major input)."""
+
+    def __init__(self, dt: float = 20.0, tau: float = 100.0, noise: float = 0.05) -> None:
+        super().__init__()
+        self.alpha, self.noise = dt / tau, noise
+        self.W_in = nn.Linear(I, H)
+        self.W_rec = nn.Linear(H, H, bias=False)
+        self.fc = nn.Linear(H, O)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(inputs.shape[1], H)
+        rates = []
+        for step in range(inputs.shape[0]):
+            h = h + self.alpha * (-h + torch.relu(self.W_rec(h) + self.W_in(inputs[step])))
+            h = h + self.noise * torch.randn_like(h)
+            rates.append(h)
+        return self.fc(torch.stack(rates))
+
+
+class StackedElman(nn.Module):
+    """Two Elman layers; layer 2's input matrix reads layer 1's state (not recurrent)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in1, self.rec1 = nn.Linear(I, H), nn.Linear(H, H)
+        self.in2, self.rec2 = nn.Linear(H, H), nn.Linear(H, H)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h1 = h2 = x.new_zeros(x.shape[0], H)
+        for t in range(x.shape[1]):
+            h1 = torch.tanh(self.in1(x[:, t]) + self.rec1(h1))
+            h2 = torch.tanh(self.in2(h1) + self.rec2(h2))
+        return h2
+
+
+# ------------------------------------------------------------------ raw nn.Parameter cells
+
+
+class RawParameterRNN(nn.Module):
+    """Row-vector convention with raw parameters: ``h @ W_hh`` (W as (in, out))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.W_ih = nn.Parameter(torch.randn(I, H) * 0.3)
+        self.W_hh = nn.Parameter(torch.randn(H, H) * 0.3)
+        self.b = nn.Parameter(torch.zeros(H))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], H)
+        for t in range(x.shape[1]):
+            h = torch.tanh(x[:, t] @ self.W_ih + h @ self.W_hh + self.b)
+        return h
+
+
+class RawCatMatmulRNN(nn.Module):
+    """``cat([x, h]) @ W`` with W of shape (I + H, H): the recurrent block is a row slice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(I + H, H) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], H)
+        for t in range(x.shape[1]):
+            h = torch.tanh(torch.matmul(torch.cat([x[:, t], h], -1), self.W))
+        return h
+
+
+class FunctionalLinearRNN(nn.Module):
+    """``F.linear`` with raw (out, in) parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight_ih = nn.Parameter(torch.randn(H, I) * 0.3)
+        self.weight_hh = nn.Parameter(torch.randn(H, H) * 0.3)
+        self.bias = nn.Parameter(torch.zeros(H))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.shape[0], H)
+        for t in range(x.shape[1]):
+            h = torch.tanh(F.linear(x[:, t], self.weight_ih) + F.linear(h, self.weight_hh, self.bias))
+        return h
+
+
+class ColumnVectorRNN(nn.Module):
+    """Column-vector convention ``h = tanh(W @ cat([x; h]))`` with states of shape (n, batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(H, I + H) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(H, x.shape[0])
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.W @ torch.cat([x[:, t].T, h], 0))
+        return h.T
+
+
+class OrthogonalRNN(nn.Module):
+    """W_hh kept orthogonal by ``torch.nn.utils.parametrizations.orthogonal``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_map = nn.Linear(I, H)
+        self.recurrent = orthogonal(nn.Linear(H, H, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], H)
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.input_map(x[:, t]) + self.recurrent(h))
+        return h
+
+
+class MaskedRNN(nn.Module):
+    """Fixed connectivity: ``F.linear(h, weight_hh * mask)`` with the mask a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight_in = nn.Parameter(torch.randn(H, I) * 0.3)
+        self.weight_hh = nn.Parameter(torch.randn(H, H) * 0.3)
+        self.register_buffer("mask", (torch.rand(H, H) > 0.5).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], H)
+        for t in range(x.shape[1]):
+            h = torch.tanh(F.linear(x[:, t], self.weight_in) + F.linear(h, self.weight_hh * self.mask))
+        return h
+
+
+# ------------------------------------------------------------------ PyTorch cells and layers
+
+
+class CellLoop(nn.Module):
+    """An RNNCell / GRUCell / LSTMCell called in a Python loop."""
+
+    def __init__(self, cell: type) -> None:
+        super().__init__()
+        self.cell = cell(I, H)
+        self.head = nn.Linear(H, O)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.shape[0], H)
+        state = (h, h) if isinstance(self.cell, nn.LSTMCell) else h
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+        return self.head(state[0] if isinstance(state, tuple) else state)
+
+
+class FusedRNN(nn.Module):
+    """nn.RNN / GRU / LSTM module with a linear head on the last step."""
+
+    def __init__(self, layer: type, **options) -> None:
+        super().__init__()
+        self.rnn = layer(I, H, batch_first=True, **options)
+        width = options.get("proj_size", 0) or H
+        self.head = nn.Linear(width * (2 if options.get("bidirectional") else 1), O)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+class TiedLSTMLanguageModel(nn.Module):
+    """word_language_model style: embedding tied to the decoder, 2-layer LSTM (ninp == nhid)."""
+
+    def __init__(self, vocab: int = 11) -> None:
+        super().__init__()
+        self.encoder = nn.Embedding(vocab, H)
+        self.rnn = nn.LSTM(H, H, 2, dropout=0.1)
+        self.decoder = nn.Linear(H, vocab)
+        self.decoder.weight = self.encoder.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        output, _ = self.rnn(self.encoder(tokens))
+        return self.decoder(output)
+
+
+class GreedyDecoder(nn.Module):
+    """Autoregressive decoding with tied weights: the token fed back is an argmax (integer)."""
+
+    def __init__(self, vocab: int = 7) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, H)
+        self.cell = nn.GRUCell(H, H)
+        self.out = nn.Linear(H, vocab)
+        self.out.weight = self.embedding.weight
+
+    def forward(self, start: torch.Tensor) -> torch.Tensor:
+        token, h = start, torch.zeros(start.shape[0], H)
+        logits = []
+        for _ in range(T):
+            h = self.cell(self.embedding(token), h)
+            logits.append(self.out(h))
+            token = logits[-1].argmax(-1)
+        return torch.stack(logits, 1)
+
+
+class ConvLSTMCell(nn.Module):
+    """ConvLSTM (Shi et al. 2015), as in the widely copied ndrplz implementation."""
+
+    def __init__(self, channels: int = 2, hidden: int = 3) -> None:
+        super().__init__()
+        self.hidden_dim = hidden
+        self.conv = nn.Conv2d(channels + hidden, 4 * hidden, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, steps, _, height, width = x.shape
+        h = c = x.new_zeros(batch, self.hidden_dim, height, width)
+        for t in range(steps):
+            combined_conv = self.conv(torch.cat([x[:, t], h], dim=1))
+            cc_i, cc_f, cc_o, cc_g = torch.split(combined_conv, self.hidden_dim, dim=1)
+            c = torch.sigmoid(cc_f) * c + torch.sigmoid(cc_i) * torch.tanh(cc_g)
+            h = torch.sigmoid(cc_o) * torch.tanh(c)
+        return h
+
+
+class IndRNN(nn.Module):
+    """``h = relu(W x + u * h)`` with a 1-D recurrent vector (Li et al. 2018)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_weights = nn.Linear(I, H)
+        self.recurrent_weight = nn.Parameter(torch.rand(H))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], H)
+        for t in range(x.shape[1]):
+            h = torch.relu(self.input_weights(x[:, t]) + self.recurrent_weight * h)
+        return h
+
+
+# ------------------------------------------------------------------ negatives
+
+
+class MinGRU(nn.Module):
+    """minGRU (Feng et al. 2024): gates read only x, so no weight sits inside the loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear_z = nn.Linear(I, H)
+        self.linear_h = nn.Linear(I, H)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], H)
+        for t in range(x.shape[1]):
+            z = torch.sigmoid(self.linear_z(x[:, t]))
+            h = (1 - z) * h + z * self.linear_h(x[:, t])
+        return h
+
+
+class TinyTransformer(nn.Module):
+    """Two-layer Transformer encoder: out_proj and friends are square but feed-forward."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Linear(I, width)
+        layer = nn.TransformerEncoderLayer(width, nhead=2, dim_feedforward=16, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(width, O)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x)))
+
+
+# ------------------------------------------------------------------ other methods, control flow
+
+
+class StepModel(nn.Module):
+    """``forward`` is one step (tutorial style); training unrolls with ``rollout``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.x2h = nn.Linear(I, H)
+        self.h2h = nn.Linear(H, H)
+        self.h2o = nn.Linear(H, O)
+
+    def forward(self, x_t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.x2h(x_t) + self.h2h(h))
+
+    def rollout(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.shape[0], H)
+        for t in range(x.shape[1]):
+            h = self(x[:, t], h)
+        return self.h2o(h)
+
+
+class DataDependentRNN(nn.Module):
+    """Stops early when the state saturates: a Python ``if`` on a tensor value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = nn.RNNCell(I, H)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.shape[0], H)
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+            if h.abs().max() > 0.999:
+                break
+        return h
+
+
+@dataclass
+class ZooCase:
+    """One model style with its example inputs and the targets the pass must find."""
+
+    name: str
+    factory: Callable[[], nn.Module]
+    inputs: Callable[[], tuple]
+    expected: set = field(default_factory=set)
+    method: str = "forward"
+
+
+LSTM_HH, GRU_HH = (4 * H, H), (3 * H, H)
+
+ZOO = [
+    ZooCase("tutorial_char_rnn", TutorialCharRNN, lambda: (sequence(),),
+            {("i2h.weight", "recurrent", ALL, (I, I + H), 1)}),
+    ZooCase("three_way_cat", ThreeWayCatRNN, lambda: (sequence(), torch.randn(B, 2)),
+            {("cell.weight", "recurrent", ALL, (I + 2, I + 2 + H), 1)}),
+    ZooCase("hidden_first_cat", HiddenFirstCatRNN, lambda: (sequence(),),
+            {("rnn_cell.weight", "recurrent", ALL, (0, H), 1)}),
+    ZooCase("manual_lstm_chunk", ManualLSTM, lambda: (sequence(),),
+            {("gates.weight", "recurrent", ALL, (I, I + H), 4)}),
+    ZooCase("elman_two_linear", ElmanRNN, lambda: (sequence(),),
+            {("hidden_layer.weight", "recurrent", ALL, ALL, 1)}),
+    ZooCase("leaky_ctrnn_noise", LeakyCTRNN, lambda: (torch.randn(T, B, I),),
+            {("W_rec.weight", "recurrent", ALL, ALL, 1)}),
+    ZooCase("stacked_elman", StackedElman, lambda: (sequence(),),
+            {("rec1.weight", "recurrent", ALL, ALL, 1), ("rec2.weight", "recurrent", ALL, ALL, 1)}),
+    ZooCase("raw_h_at_W", RawParameterRNN, lambda: (sequence(),),
+            {("W_hh", "recurrent", ALL, ALL, 1)}),
+    ZooCase("raw_cat_at_W", RawCatMatmulRNN, lambda: (sequence(),),
+            {("W", "recurrent", (I, I + H), ALL, 1)}),
+    ZooCase("functional_linear", FunctionalLinearRNN, lambda: (sequence(),),
+            {("weight_hh", "recurrent", ALL, ALL, 1)}),
+    ZooCase("column_vector_W_at_h", ColumnVectorRNN, lambda: (sequence(),),
+            {("W", "recurrent", ALL, (I, I + H), 1)}),
+    ZooCase("orthogonal_parametrized", OrthogonalRNN, lambda: (sequence(),),
+            {("recurrent.parametrizations.weight.original", "recurrent", ALL, ALL, 1)}),
+    ZooCase("masked_weight", MaskedRNN, lambda: (sequence(),),
+            {("weight_hh", "recurrent", ALL, ALL, 1)}),
+    ZooCase("rnn_cell_loop", lambda: CellLoop(nn.RNNCell), lambda: (sequence(),),
+            {("cell.weight_hh", "recurrent", ALL, ALL, 1)}),
+    ZooCase("gru_cell_loop", lambda: CellLoop(nn.GRUCell), lambda: (sequence(),),
+            {("cell.weight_hh", "recurrent", ALL, ALL, 3)}),
+    ZooCase("lstm_cell_loop", lambda: CellLoop(nn.LSTMCell), lambda: (sequence(),),
+            {("cell.weight_hh", "recurrent", ALL, ALL, 4)}),
+    ZooCase("lstm_2layer_bidirectional",
+            lambda: FusedRNN(nn.LSTM, num_layers=2, bidirectional=True), lambda: (sequence(),),
+            {(f"rnn.weight_hh_l{k}{s}", "recurrent", ALL, ALL, 4) for k in (0, 1) for s in ("", "_reverse")}),
+    ZooCase("lstm_proj_size", lambda: FusedRNN(nn.LSTM, proj_size=2), lambda: (sequence(),),
+            {("rnn.weight_hh_l0", "recurrent", ALL, ALL, 4), ("rnn.weight_hr_l0", "recurrent", ALL, ALL, 1)}),
+    ZooCase("gru_module", lambda: FusedRNN(nn.GRU, num_layers=2), lambda: (sequence(),),
+            {("rnn.weight_hh_l0", "recurrent", ALL, ALL, 3), ("rnn.weight_hh_l1", "recurrent", ALL, ALL, 3)}),
+    ZooCase("tied_lstm_lm", TiedLSTMLanguageModel, lambda: (torch.randint(0, 11, (T, B)),),
+            {("rnn.weight_hh_l0", "recurrent", ALL, ALL, 4), ("rnn.weight_hh_l1", "recurrent", ALL, ALL, 4)}),
+    ZooCase("greedy_decoder_tied", GreedyDecoder, lambda: (torch.zeros(B, dtype=torch.long),),
+            {("cell.weight_hh", "recurrent", ALL, ALL, 3)}),
+    ZooCase("conv_lstm", ConvLSTMCell, lambda: (torch.randn(1, T, 2, 4, 4),),
+            {("conv.weight", "conv", ALL, (2, 5), 4)}),
+    ZooCase("indrnn", IndRNN, lambda: (sequence(),),
+            {("recurrent_weight", "elementwise", ALL, ALL, 1)}),
+    ZooCase("min_gru", MinGRU, lambda: (sequence(),), set()),
+    ZooCase("transformer_encoder", TinyTransformer, lambda: (sequence(),), set()),
+    ZooCase("step_method", StepModel, lambda: (sequence(),),
+            {("h2h.weight", "recurrent", ALL, ALL, 1)}, method="rollout"),
+]

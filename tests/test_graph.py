@@ -1,0 +1,182 @@
+"""The dataflow pass (moduli_transform.graph) and the inspect command, over the model zoo."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from model_zoo import ALL, B, H, I, T, ZOO, DataDependentRNN, StepModel, ZooCase, sequence
+from moduli_transform.graph import GraphCaptureError, find_recurrent_targets
+from moduli_transform.inspection import format_targets, register
+
+
+def key(target) -> tuple:
+    return (target.name, target.kind, (target.rows.start, target.rows.stop),
+            (target.cols.start, target.cols.stop), target.gates)
+
+
+def discover(case: ZooCase, steps_inputs: tuple | None = None):
+    torch.manual_seed(0)
+    model = case.factory()
+    return model, find_recurrent_targets(model, steps_inputs or case.inputs(), method=case.method)
+
+
+@pytest.mark.parametrize("case", ZOO, ids=[case.name for case in ZOO])
+def test_zoo_ground_truth(case: ZooCase) -> None:
+    model, targets = discover(case)
+    assert {key(t) for t in targets} == case.expected
+    parameters = dict(model.named_parameters())
+    assert len({t.name for t in targets}) == len(targets)
+    for target in targets:
+        assert target.shape == tuple(parameters[target.name].shape)
+        assert target.evidence
+        target.block(parameters[target.name])  # the slices select inside the parameter
+
+
+def test_at_least_two_steps_suffice() -> None:
+    case = next(c for c in ZOO if c.name == "tutorial_char_rnn")
+    _, targets = discover(case, (sequence(steps=2),))
+    assert {key(t) for t in targets} == case.expected
+
+
+def test_one_step_finds_nothing() -> None:
+    case = next(c for c in ZOO if c.name == "elman_two_linear")
+    _, targets = discover(case, (sequence(steps=1),))
+    assert targets == []
+
+
+@pytest.mark.parametrize("case_name, gate_names", [
+    ("gru_cell_loop", ("r", "z", "n")), ("lstm_cell_loop", ("i", "f", "g", "o")),
+    ("lstm_2layer_bidirectional", ("i", "f", "g", "o")), ("gru_module", ("r", "z", "n"))])
+def test_pytorch_gate_names(case_name: str, gate_names: tuple) -> None:
+    _, targets = discover(next(c for c in ZOO if c.name == case_name))
+    assert {t.gate_names for t in targets} == {gate_names}
+
+
+def test_fused_evidence_names_the_position_and_proj_shape() -> None:
+    model, targets = discover(next(c for c in ZOO if c.name == "lstm_proj_size"))
+    by_name = {t.name: t for t in targets}
+    assert by_name["rnn.weight_hr_l0"].shape == tuple(model.rnn.weight_hr_l0.shape) == (2, H)
+    assert "w_hh" in by_name["rnn.weight_hh_l0"].evidence
+    assert "w_hr" in by_name["rnn.weight_hr_l0"].evidence
+
+
+def test_evidence_reports_slice_and_orientation() -> None:
+    _, (cat_target,) = discover(next(c for c in ZOO if c.name == "tutorial_char_rnn"))
+    assert f"column slice {I}:{I + H} of the cat input" in cat_target.evidence
+    assert f"used at {T} steps" in cat_target.evidence
+    _, (raw,) = discover(next(c for c in ZOO if c.name == "raw_cat_at_W"))
+    assert "h @ W" in raw.evidence and f"row slice {I}:{I + H}" in raw.evidence
+
+
+def test_elementwise_is_listed_not_regularized() -> None:
+    _, (target,) = discover(next(c for c in ZOO if c.name == "indrnn"))
+    assert target.kind == "elementwise" and target.regularize is False
+
+
+def test_parametrized_target_is_what_the_optimizer_updates() -> None:
+    model, (target,) = discover(next(c for c in ZOO if c.name == "orthogonal_parametrized"))
+    assert target.module == "recurrent"
+    assert dict(model.named_parameters())[target.name] is model.recurrent.parametrizations.weight.original
+
+
+def test_learnable_initial_state_does_not_hide_recurrence() -> None:
+    class LearnedStart(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.h0 = nn.Parameter(torch.zeros(H))
+            self.w_in, self.w_hh = nn.Linear(I, H), nn.Linear(H, H)
+
+        def forward(self, x):
+            h = self.h0.expand(x.shape[0], H)
+            for t in range(x.shape[1]):
+                h = torch.tanh(self.w_in(x[:, t]) + self.w_hh(h))
+            return h
+
+    targets = find_recurrent_targets(LearnedStart(), (sequence(steps=2),))
+    assert [t.name for t in targets] == ["w_hh.weight"]
+
+
+def test_model_unchanged_by_discovery() -> None:
+    torch.manual_seed(0)
+    model, x = nn.LSTM(I, H, 2), torch.randn(T, B, I)
+    before = model(x)[0]
+    find_recurrent_targets(model, (x,))
+    assert torch.equal(model(x)[0], before)
+    assert all(isinstance(p, nn.Parameter) for p in model._flat_weights)
+
+
+def test_method_argument_and_single_step_forward() -> None:
+    model, x = StepModel(), sequence()
+    assert find_recurrent_targets(model, (x[:, 0], torch.zeros(B, H))) == []
+    assert [t.name for t in find_recurrent_targets(model, (x,), method="rollout")] == ["h2h.weight"]
+
+
+def test_example_kwargs_are_passed() -> None:
+    case = next(c for c in ZOO if c.name == "three_way_cat")
+    x, context = case.inputs()
+    targets = find_recurrent_targets(case.factory(), (x,), example_kwargs={"context": context})
+    assert {key(t) for t in targets} == case.expected
+
+
+def test_data_dependent_control_flow_raises_with_ways_out() -> None:
+    with pytest.raises(GraphCaptureError) as error:
+        find_recurrent_targets(DataDependentRNN(), (sequence(),))
+    message = str(error.value)
+    assert isinstance(error.value, ValueError)
+    assert "DataDependentRNN" in message
+    assert "method=" in message and "targets='types'" in message and "re:" in message
+
+
+def test_unknown_method_raises() -> None:
+    with pytest.raises(GraphCaptureError, match="has no method 'generate'"):
+        find_recurrent_targets(StepModel(), (sequence(),), method="generate")
+
+
+def test_graph_finder_in_discovery() -> None:
+    from moduli_transform.discovery import DiscoveryContext, discover_targets
+
+    case = next(c for c in ZOO if c.name == "masked_weight")
+    context = DiscoveryContext(example_inputs=case.inputs())
+    targets = discover_targets(case.factory(), "graph", context)
+    assert [t.name for t in targets] == ["weight_hh"]
+
+
+# ------------------------------------------------------------------ inspect command
+
+
+def test_format_targets_table() -> None:
+    _, targets = discover(next(c for c in ZOO if c.name == "manual_lstm_chunk"))
+    table = format_targets(targets).splitlines()
+    assert table[0].split()[:5] == ["parameter", "kind", "shape", "slice", "gates"]
+    assert table[1].split()[:5] == ["gates.weight", "recurrent", f"({4 * H},", f"{I + H})", f"[:, {I}:{I + H}]"][:5]
+    assert format_targets([]) == "no recurrent weights found"
+
+
+def _run_inspect(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_inspect_command(tmp_path, capsys) -> None:
+    source = tmp_path / "my_models.py"
+    source.write_text(
+        "import sys\nsys.path.insert(0, %r)\n"
+        "from model_zoo import CellLoop, DataDependentRNN, TiedLSTMLanguageModel\n"
+        "from torch import nn\n"
+        "def lstm_cells():\n    return CellLoop(nn.LSTMCell)\n"
+        "def lm():\n    return TiedLSTMLanguageModel()\n"
+        "def broken():\n    return DataDependentRNN()\n" % str(__import__("pathlib").Path(__file__).parent))
+    assert _run_inspect(["inspect", f"{source}:lstm_cells", "--input-shape", f"{B},{T},{I}"]) == 0
+    out = capsys.readouterr().out
+    assert "cell.weight_hh" in out and "4 (ifgo)" in out and "weight_ih" not in out
+    assert _run_inspect(["inspect", f"{source}:lm", "--input-shape", f"{T},{B}", "--dtype", "long"]) == 0
+    assert "rnn.weight_hh_l1" in capsys.readouterr().out
+    assert _run_inspect(["inspect", f"{source}:broken", "--input-shape", f"{B},{T},{I}"]) == 2
+    assert "targets='types'" in capsys.readouterr().err
+    assert _run_inspect(["inspect", "no_colon_here"]) == 2
