@@ -108,8 +108,13 @@ def barrier() -> None:
 
 
 def cleanup_distributed() -> None:
-    """Leave the process group, if any."""
+    """Leave the process group, if any, once every rank is done with it.
+
+    The barrier matters: rank 0 hosts the rendezvous store, and a rank that tears the group
+    down while another still talks to it can abort the other process.
+    """
     if _initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

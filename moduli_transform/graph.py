@@ -232,6 +232,27 @@ def _addmm_uses(node, flow):
     return _matmul_pair(node, flow, node.args[1], node.args[2])
 
 
+@_use_rule(aten.einsum.default)
+def _einsum_uses(node, flow):
+    """Two-operand einsum where a 2-D weight contracts exactly one index with the data."""
+    equation, operands = node.args[0].replace(" ", ""), node.args[1]
+    if len(operands) != 2 or "..." in equation:
+        return []
+    inputs, arrow, output = equation.partition("->")
+    if not arrow:
+        output = "".join(sorted(c for c in set(inputs) if c.isalpha() and inputs.count(c) == 1))
+    subscripts, uses = inputs.split(","), []
+    for weight_index, data_index in ((0, 1), (1, 0)):
+        weight, data = operands[weight_index], operands[data_index]
+        shared = [c for c in subscripts[weight_index]
+                  if c in subscripts[data_index] and c not in output]
+        if flow.is_weight(weight) and len(shared) == 1:
+            uses.append(_Use(node, weight, data, subscripts[data_index].index(shared[0]),
+                             subscripts[weight_index].index(shared[0]), None,
+                             label=f"einsum {equation}"))
+    return uses
+
+
 @_use_rule(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default)
 def _conv_uses(node, flow):
     data, weight = node.args[0], node.args[1]

@@ -119,10 +119,13 @@ class Sphere(Manifold):
         return self.retract(torch.randn(n, self.dim, generator=generator))
 
     def distance(self, a: Tensor, b: Tensor) -> Tensor:
-        cosine = (a @ b.T).clamp(-1.0, 1.0)
-        # arccos has an infinite slope at +-1: clamp inside for the gradient only.
-        inner = cosine.clamp(-1.0 + 1e-7, 1.0 - 1e-7)
-        angle = torch.arccos(inner) + (torch.arccos(cosine) - torch.arccos(inner)).detach()
+        # scale * arccos<a, b>, computed as 2 asin(chord / 2): exact 0 on the diagonal in
+        # float32 (arccos of a rounded 1 - 6e-8 is 3e-4) and a finite gradient there.
+        a, b = self.retract(a), self.retract(b)
+        delta = a[:, None, :] - b[None, :, :]
+        half_chord = _safe_sqrt((delta * delta).sum(-1)) / 2
+        inner = half_chord.clamp(max=1.0 - 1e-7)  # asin has an infinite slope at 1
+        angle = 2 * (torch.asin(inner) + (torch.asin(half_chord.clamp(max=1.0)) - torch.asin(inner)).detach())
         return self.scale * angle
 
     def retract(self, x: Tensor) -> Tensor:

@@ -210,6 +210,20 @@ class ColumnVectorRNN(nn.Module):
         return h.T
 
 
+class EinsumRNN(nn.Module):
+    """``einsum("bi,io->bo", cat([x, h]), W)``: the contracted index picks the rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(I + H, H) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], H)
+        for t in range(x.shape[1]):
+            h = torch.tanh(torch.einsum("bi,io->bo", torch.cat([x[:, t], h], -1), self.W))
+        return h
+
+
 class OrthogonalRNN(nn.Module):
     """W_hh kept orthogonal by ``torch.nn.utils.parametrizations.orthogonal``."""
 
@@ -450,6 +464,8 @@ ZOO = [
             {("weight_hh", "recurrent", ALL, ALL, 1)}),
     ZooCase("column_vector_W_at_h", ColumnVectorRNN, lambda: (sequence(),),
             {("W", "recurrent", ALL, (I, I + H), 1)}),
+    ZooCase("einsum_cat", EinsumRNN, lambda: (sequence(),),
+            {("W", "recurrent", (I, I + H), ALL, 1)}),
     ZooCase("orthogonal_parametrized", OrthogonalRNN, lambda: (sequence(),),
             {("recurrent.parametrizations.weight.original", "recurrent", ALL, ALL, 1)}),
     ZooCase("masked_weight", MaskedRNN, lambda: (sequence(),),

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from moduli_transform.distributed import (
-    all_reduce_embedding_grads, check_in_sync, get_world_size, init_distributed_from_env, is_main_process,
+    all_reduce_embedding_grads, check_in_sync, cleanup_distributed, get_world_size, init_distributed_from_env, is_main_process,
     sync_handle, unwrap_model,
 )
 
@@ -101,7 +101,7 @@ def worker(rank: int, world_size: int, port: int, out: str) -> None:
     report["grad_average/in_sync_at_end"] = check_in_sync(handle)
     with open(os.path.join(out, f"report-rank{rank}.json"), "w") as file:
         json.dump(report, file)
-    torch.distributed.destroy_process_group()
+    cleanup_distributed()
 
 
 def free_port() -> int:
