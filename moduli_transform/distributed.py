@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "init_distributed_from_env", "is_main_process", "get_rank", "get_world_size", "barrier",
-    "cleanup_distributed", "unwrap_model",
+    "cleanup_distributed", "unwrap_model", "shard_batch",
     "sync_handle", "all_reduce_embedding_grads", "check_in_sync",
 ]
 
@@ -123,6 +123,37 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model
+
+
+def shard_batch(batch: Any, rank: int | None = None, world_size: int | None = None, dim: int = 0) -> Any:
+    """This rank's equal slice of a global batch (tensors in nested tuples/lists/dicts).
+
+    With equal slices, the mean loss of each slice averaged by DDP equals the mean loss of
+    the global batch, so a run on N ranks follows a one-process run on the same batches.
+    Non-tensor leaves pass through unchanged.
+
+    Raises:
+        ValueError: a tensor's size along ``dim`` is not divisible by ``world_size``.
+
+    Example:
+        >>> shard_batch((torch.arange(6), "tag"), rank=1, world_size=3)
+        (tensor([2, 3]), 'tag')
+    """
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    if world_size == 1:
+        return batch
+    if isinstance(batch, Tensor):
+        if batch.shape[dim] % world_size:
+            raise ValueError(f"batch of size {batch.shape[dim]} (dim {dim}) does not split evenly over "
+                             f"{world_size} ranks; choose a global batch size divisible by the world size")
+        return batch.chunk(world_size, dim)[rank]
+    if isinstance(batch, dict):
+        return {key: shard_batch(value, rank, world_size, dim) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        values = [shard_batch(value, rank, world_size, dim) for value in batch]
+        return type(batch)(*values) if hasattr(batch, "_fields") else type(batch)(values)
+    return batch
 
 
 # -- handle state ---------------------------------------------------------------------------

@@ -22,6 +22,9 @@ can depend on an earlier one.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -64,6 +67,20 @@ class _MethodCall(nn.Module):
         return getattr(self.model, self.method)(*args, **kwargs)
 
 
+@contextlib.contextmanager
+def _quiet_export():
+    """Silence export's warnings and the partial graph it prints to stderr on failure;
+    the failure itself is re-raised as GraphCaptureError with context."""
+    previous = logging.root.manager.disable
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            logging.disable(max(previous, logging.WARNING))
+            yield
+    finally:
+        logging.disable(previous)
+
+
 def capture(model: nn.Module, example_inputs: tuple, method: str = "forward",
             example_kwargs: dict | None = None) -> tuple[torch.export.ExportedProgram, str]:
     """Capture ``model.<method>(*example_inputs)`` with non-strict ``torch.export``.
@@ -80,8 +97,7 @@ def capture(model: nn.Module, example_inputs: tuple, method: str = "forward",
     root, prefix = (model, "") if method == "forward" else (_MethodCall(model, method), "model.")
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet_export():
             program = torch.export.export(root, inputs, kwargs=dict(example_kwargs or {}), strict=False)
     except Exception as error:  # export raises many unrelated types; all mean "no graph"
         detail = " ".join(str(error).split())[:400]
@@ -487,7 +503,7 @@ class _Finding:
                     f"{'cat ' if self.from_cat else ''}input")
         evidence = (f"used at {self.steps} steps ({label}); {what} reads the output of an "
                     "earlier use") if self.steps else label
-        if self.kind != "conv" and gates > 1 and not self.gate_names:
+        if gates > 1 and not self.gate_names:
             self.notes.append(f"output split into {gates} gates")
         return Target(name=self.name, shape=self.shape, kind=self.kind, rows=rows, cols=cols,
                       gates=gates, gate_names=self.gate_names if gates > 1 else (), module=module,

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from moduli_transform.distributed import (
     all_reduce_embedding_grads, check_in_sync, cleanup_distributed, get_world_size, init_distributed_from_env, is_main_process,
-    sync_handle, unwrap_model,
+    shard_batch, sync_handle, unwrap_model,
 )
 
 try:
@@ -55,7 +55,7 @@ def train(model: nn.Module, handle, rank: int, world_size: int) -> None:
         generator = torch.Generator().manual_seed(step)
         x = torch.rand(GLOBAL_BATCH, 5, 2, generator=generator)
         y = x[..., 0].sum(1) * 0.2
-        x, y = x.chunk(world_size)[rank], y.chunk(world_size)[rank]
+        x, y = shard_batch((x, y), rank, world_size)
         loss = nn.functional.mse_loss(model(x), y) + handle.penalty()
         optimizer.zero_grad()
         loss.backward()
@@ -160,6 +160,17 @@ def test_not_distributed_is_a_no_op(monkeypatch):
     assert is_main_process() and get_world_size() == 1
     model = nn.Linear(2, 2)
     assert unwrap_model(model) is model
+
+
+def test_shard_batch_splits_nested_batches_evenly():
+    batch = {"x": torch.arange(8).view(4, 2), "pair": (torch.arange(4), 7), "name": "b"}
+    shards = [shard_batch(batch, rank, 2) for rank in range(2)]
+    assert torch.equal(torch.cat([s["x"] for s in shards]), batch["x"])
+    assert shards[1]["pair"][0].tolist() == [2, 3] and shards[1]["pair"][1] == 7 and shards[1]["name"] == "b"
+    assert shard_batch(batch, 0, 1) is batch
+    assert shard_batch(torch.arange(6).view(2, 3), 2, 3, dim=1).tolist() == [[2], [5]]
+    with pytest.raises(ValueError, match="divisible"):
+        shard_batch(torch.arange(5), 0, 2)
 
 
 @needs_core

@@ -11,8 +11,18 @@ from safetensors.torch import load_file
 from tasks.runner import METRIC_KEYS, SUMMARY_KEYS, Phases, RunConfig, RunConfigError, RunInterrupted, run
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a busy two-core machine run many times faster on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _config(tmp_path, name: str = "run", **changes) -> RunConfig:
-    options = dict(task="adding", preset="test", sparsity=0.5, lottery=True, seed=0, out=str(tmp_path / name))
+    options = dict(task="adding", preset="test", sparsity=0.5, lottery=True, seed=0, out=str(tmp_path / name),
+                   threads=1)
     options.update(changes)
     return RunConfig(**options)
 
@@ -129,6 +139,6 @@ def test_resume_refuses_other_settings(tmp_path):
 def test_adding_problem_learns(tmp_path):
     """A short dense run beats the 'always predict 1' baseline (RMSE 0.41) clearly."""
     config = RunConfig(task="adding", preset="test", regularizer="none", sparsity=0.0, steps=600, seed=0,
-                       out=str(tmp_path / "learn"), checkpoint_every=10_000)
+                       out=str(tmp_path / "learn"), checkpoint_every=10_000, threads=1)
     summary = run(config, progress=False)
     assert summary["sparse_metric"] < 0.25

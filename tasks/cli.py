@@ -1,0 +1,93 @@
+"""``moduli-transform train`` and ``moduli-transform table``: entry points of the tasks package.
+
+Example:
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser(); register_train(parser.add_subparsers())
+    >>> args = parser.parse_args(["train", "adding", "--preset", "test", "--lottery", "--sparsity", "0.5"])
+    >>> config_from_args(args).sparsity, config_from_args(args).lottery
+    (0.5, True)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import TASKS
+from .runner import EMBEDDINGS, REGULARIZERS, RunConfig, RunConfigError, run
+
+__all__ = ["register_train", "register_table", "config_from_args"]
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``train`` and ``table`` (one run, or the axes of a grid of runs)."""
+    parser.add_argument("--preset", default="cpu", help="test | cpu | paper (default: cpu)")
+    parser.add_argument("--inhibitor", default="dog", help="inhibitor name (default: dog)")
+    parser.add_argument("--embedding", default="fixed", choices=EMBEDDINGS)
+    parser.add_argument("--lottery", action="store_true", help="retrain the lottery ticket (random re-init)")
+    parser.add_argument("--strength", type=float, default=None, help="regularization strength (default: preset)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps before the lottery (default: preset)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--data", default=None, help="corpus for the language model (file or WikiText-2 folder)")
+    parser.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def register_train(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``train TASK [options]``: one run, summary printed as JSON."""
+    parser = subparsers.add_parser(
+        "train", help="train, prune and evaluate one task",
+        description="Train with moduli regularization, prune gradually, optionally retrain the lottery ticket.")
+    parser.add_argument("task", choices=sorted(TASKS))
+    _add_run_options(parser)
+    parser.add_argument("--manifold", default="torus", help="manifold name (default: torus)")
+    parser.add_argument("--regularizer", default="moduli", choices=REGULARIZERS)
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="run directory (default: runs/<task>-<preset>-...)")
+    parser.set_defaults(func=_train)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    return RunConfig(task=args.task, preset=args.preset, manifold=args.manifold, inhibitor=args.inhibitor,
+                     regularizer=args.regularizer, embedding=args.embedding, sparsity=args.sparsity,
+                     lottery=args.lottery, seed=args.seed, out=args.out, strength=args.strength, steps=args.steps,
+                     resume=args.resume, data=args.data, checkpoint_every=args.checkpoint_every,
+                     threads=args.threads)
+
+
+def _train(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+    except RunConfigError as error:
+        print(f"moduli-transform train: error: {error}", file=sys.stderr)
+        return 2
+    summary = run(config, progress=not args.no_progress)
+    print(json.dumps(summary, indent=1, sort_keys=True))
+    return 0
+
+
+def register_table(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``table``: a grid of runs (tasks x regularizers x manifolds x sparsities x seeds).
+
+    Only parses; :func:`tasks.table.run_table` runs the grid and writes the table.
+    """
+    parser = subparsers.add_parser("table", help="run a grid of runs and tabulate their metrics",
+                                   description="Run (or reuse) a grid of runs and write a results table.")
+    parser.add_argument("--tasks", nargs="+", default=sorted(TASKS), choices=sorted(TASKS))
+    parser.add_argument("--regularizers", nargs="+", default=list(REGULARIZERS), choices=REGULARIZERS)
+    parser.add_argument("--manifolds", nargs="+", default=["torus"])
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.9])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--out", default="runs/table", help="folder of the runs and the table")
+    parser.add_argument("--format", default="markdown", choices=("markdown", "csv", "latex", "json"))
+    _add_run_options(parser)
+    parser.set_defaults(func=_table)
+
+
+def _table(args: argparse.Namespace) -> int:
+    from .table import run_table
+
+    return int(run_table(args) or 0)
