@@ -60,10 +60,9 @@ class DifferenceOfGaussians(Inhibitor):
     """``amplitude * (exp(-d^2/narrow) - exp(-d^2/wide_inverse))``; paper default inverted.
 
     Example:
-        >>> f = DifferenceOfGaussians()
         >>> d = torch.tensor([0.0, 1.0])
-        >>> [round(v, 3) for v in DifferenceOfGaussians(invert=False)(d).tolist()]
-        [0.0, 80.041]
+        >>> [round(v, 2) for v in DifferenceOfGaussians(invert=False)(d).tolist()]
+        [0.0, 80.04]
     """
 
     invert: bool = True
