@@ -1,0 +1,47 @@
+"""attach() end to end on every model style of the zoo: discover, regularize, prune, train.
+
+Only the recurrent block of each weight may lose entries; the rest of the matrix (the
+input columns of an ``i2h`` on ``cat([x, h])``, say) must be left as trained.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moduli_transform as mt
+from model_zoo import ZOO
+
+CASES = [case for case in ZOO if any(kind != "elementwise" for _, kind, *_ in case.expected)]
+
+
+def _loss(model, method, inputs):
+    output = getattr(model, method)(*inputs)
+    output = output[0] if isinstance(output, tuple) else output
+    return output.float().pow(2).mean()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_attach_prunes_only_the_recurrent_block(case):
+    torch.manual_seed(0)
+    model = case.factory()
+    inputs = case.inputs()
+    handle = mt.attach(model, example_inputs=inputs, method=case.method, sparsity=0.5,
+                       total_steps=1, auto=True, strength=0.01)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        optimizer.zero_grad()
+        _loss(model, case.method, inputs).backward()
+        optimizer.step()
+    parameters = dict(model.named_parameters())
+    for target in handle.targets:
+        if target.kind == "elementwise":
+            continue
+        weight = parameters[target.name].detach()
+        block = target.block(weight)
+        assert int((block == 0).sum()) == round(0.5 * block.numel()), target.name
+        outside = torch.ones_like(weight, dtype=torch.bool)
+        target.block(outside).fill_(False)
+        assert not bool((weight[outside] == 0).any()), f"{target.name}: pruned outside its block"
+        assert not torch.equal(weight, before[target.name])
