@@ -30,6 +30,7 @@ wrapper itself would name every target ``module.*`` and tie checkpoints to DDP: 
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 import weakref
@@ -108,12 +109,15 @@ def barrier() -> None:
 
 
 def cleanup_distributed() -> None:
-    """Leave the process group, if any, once every rank is done with it.
+    """Free unreferenced DDP wrappers, wait for every rank, and leave the process group.
 
-    The barrier matters: rank 0 hosts the rendezvous store, and a rank that tears the group
-    down while another still talks to it can abort the other process.
+    Call it once the DDP-wrapped model is no longer referenced (``del ddp_model`` or after
+    the function that owned it returned): a DDP wrapper still alive at interpreter exit can
+    abort the process ("terminate called without an active exception", gloo, torch 2.13),
+    and ``gc.collect()`` here frees wrappers kept only by reference cycles.
     """
     if _initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
@@ -220,7 +224,8 @@ def sync_handle(handle: Any, src: int = 0, *, average_embedding_grads: bool = Tr
     for regularizer in handle.regularizers.values():
         regularizer.invalidate()
     handle.apply_masks()
-    optimizer = getattr(handle, "_embedding_optimizer", None)
+    # The handle keeps its embedding optimizer private; prefer a public name if it gains one.
+    optimizer = getattr(handle, "embedding_optimizer", None) or getattr(handle, "_embedding_optimizer", None)
     if average_embedding_grads and optimizer is not None and optimizer not in _grad_hooks:
         _grad_hooks[optimizer] = optimizer.register_step_pre_hook(
             lambda *_: all_reduce_embedding_grads(handle, group=group))

@@ -1,70 +1,153 @@
 """Manifolds on which neurons are embedded: sampling, pairwise distance, retraction.
 
 Paper defaults (facts from the authors' code): the torus is [0, 10)^n with periodic
-distance; circle and sphere are unit vectors with distance 5 * arccos<a, b>; the Klein
-bottle is [0, 10)^2 with the glide-reflection identification.
+distance; circle and sphere are unit vectors with distance ``5 * arccos<a, b>``; the Klein
+bottle is [0, 10)^2 with the glide-reflection identification; R^n is sampled in [0, 10)^n.
+
+Every ``distance`` is differentiable where the manifold is smooth and has a finite
+gradient (zero) where two points coincide, so a full pairwise matrix with a zero
+diagonal can be backpropagated through without NaNs.
 """
 
 from __future__ import annotations
 
 import abc
+import difflib
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["Manifold", "Torus", "Sphere", "Circle", "KleinBottle", "Euclidean", "ProductManifold",
-           "MANIFOLDS", "register_manifold", "get_manifold", "UnknownNameError"]
+__all__ = [
+    "UnknownNameError",
+    "Manifold",
+    "Torus",
+    "Circle",
+    "Sphere",
+    "KleinBottle",
+    "Euclidean",
+    "ProductManifold",
+    "MANIFOLDS",
+    "register_manifold",
+    "get_manifold",
+]
 
 _EPS = 1e-12
+FactoryT = TypeVar("FactoryT", bound=Callable[..., "Manifold"])
 
 
 class UnknownNameError(ValueError):
-    """A name that is not in a registry."""
+    """A name that is not in a registry; the message lists the registered names.
+
+    Example:
+        >>> error = UnknownNameError.for_name("manifold", "toruss", ["torus", "klein"])
+        >>> str(error)
+        "unknown manifold 'toruss'; expected one of klein, torus (did you mean 'torus'?)"
+    """
+
+    @classmethod
+    def for_name(cls, kind: str, name: object, choices: Iterable[str], alternatives: str = "") -> "UnknownNameError":
+        """The error for ``name`` of registry ``kind``, listing ``choices`` and ``alternatives``."""
+        choices = sorted(choices)
+        message = f"unknown {kind} {name!r}; expected one of {', '.join(choices)}"
+        if alternatives:
+            message += f", {alternatives}"
+        close = difflib.get_close_matches(str(name), choices, n=1)
+        if close:
+            message += f" (did you mean {close[0]!r}?)"
+        return cls(message)
 
 
 def _safe_sqrt(x: Tensor) -> Tensor:
-    """sqrt with gradient 0 (not inf/NaN) where x == 0."""
+    """sqrt with gradient 0 (not inf or NaN) where x == 0."""
     positive = x > 0
     return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
 
 
+def _wrap(x: Tensor, period: float) -> Tensor:
+    """x modulo period, in [0, period): remainder can round up to period itself."""
+    wrapped = torch.remainder(x, period)
+    return torch.where(wrapped >= period, torch.zeros_like(wrapped), wrapped)
+
+
+def _positive(owner: str, **values: float) -> None:
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{owner} needs {key} to be a finite number > 0, got {key}={value!r}")
+
+
+def _dimension(owner: str, key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner} needs {key} to be an integer >= 1, got {key}={value!r}")
+    return value
+
+
 class Manifold(abc.ABC):
-    """A space to embed neurons in; subclass and implement the three methods."""
+    """A space to embed neurons in; subclass it and implement the three abstract methods.
+
+    Attributes:
+        name: short name (the registry name for the built-in manifolds).
+        dim: number of coordinates of a point.
+    """
 
     name: str = "manifold"
     dim: int = 0
 
     @abc.abstractmethod
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` points, uniform with respect to the manifold's measure: (n, dim)."""
+        """``n`` points drawn uniformly from the manifold's natural measure, shape (n, dim)."""
 
     @abc.abstractmethod
     def distance(self, a: Tensor, b: Tensor) -> Tensor:
-        """Pairwise distances (n, dim) x (m, dim) -> (n, m)."""
+        """Pairwise distances, (n, dim) x (m, dim) -> (n, m); gradient 0 where a point meets itself."""
 
     @abc.abstractmethod
     def retract(self, x: Tensor) -> Tensor:
-        """Points put back on the manifold after a gradient step."""
+        """Points put back on the manifold (e.g. after a gradient step), same shape as ``x``."""
 
     @property
     def spec(self) -> dict[str, Any]:
-        """JSON description from which :func:`get_manifold` rebuilds this manifold."""
+        """JSON-able description; ``get_manifold(**spec)`` rebuilds the manifold."""
         return {"name": self.name}
 
     def __repr__(self) -> str:
-        options = ", ".join(f"{k}={v}" for k, v in self.spec.items() if k != "name")
+        options = ", ".join(f"{key}={value!r}" for key, value in self.spec.items() if key != "name")
         return f"{type(self).__name__}({options})"
+
+    def _check(self, *points: Tensor) -> None:
+        for x in points:
+            if x.dim() != 2 or x.shape[1] != self.dim:
+                raise ValueError(f"{self!r} expects points of shape (n, {self.dim}), got {tuple(x.shape)}")
+
+
+def _check_count(n: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"sample needs a number of points n >= 0, got n={n!r}")
+    return n
 
 
 MANIFOLDS: dict[str, Callable[..., Manifold]] = {}
 
 
-def register_manifold(name: str):
-    """Decorator adding a manifold factory to the registry under ``name``."""
+def register_manifold(name: str) -> Callable[[FactoryT], FactoryT]:
+    """Decorator adding a manifold class or factory to :data:`MANIFOLDS` under ``name``.
 
-    def decorate(factory):
+    Re-registering a name replaces the earlier entry. Names may not contain ``*``, which
+    separates the factors of a product.
+
+    Example:
+        >>> @register_manifold("unit_torus")
+        ... def unit_torus(dim: int = 2) -> Torus:
+        ...     return Torus(dim=dim, period=1.0)
+        >>> get_manifold("unit_torus").period
+        1.0
+        >>> del MANIFOLDS["unit_torus"]
+    """
+    if not isinstance(name, str) or not name or "*" in name:
+        raise ValueError(f"a manifold name must be a non-empty string without '*', got {name!r}")
+
+    def decorate(factory: FactoryT) -> FactoryT:
         MANIFOLDS[name] = factory
         return factory
 
@@ -72,29 +155,36 @@ def register_manifold(name: str):
 
 
 class Torus(Manifold):
-    """[0, period)^dim with periodic (flat torus) distance.
+    """The flat torus [0, period)^dim with periodic distance.
+
+    ``d(a, b) = sqrt(sum_k min(|a_k - b_k|, period - |a_k - b_k|)^2)`` (coordinates taken
+    modulo the period).
 
     Example:
         >>> torus = Torus(dim=1)
         >>> float(torus.distance(torch.tensor([[0.5]]), torch.tensor([[9.5]])))
         1.0
+        >>> Torus(dim=2).retract(torch.tensor([[12.5, -1.0]]))
+        tensor([[2.5000, 9.0000]])
     """
 
     def __init__(self, dim: int = 2, period: float = 10.0) -> None:
-        if int(dim) < 1 or period <= 0:
-            raise ValueError(f"torus needs dim >= 1 and period > 0, got dim={dim}, period={period}")
-        self.dim, self.period, self.name = int(dim), float(period), "torus"
+        self.dim = _dimension("torus", "dim", dim)
+        _positive("torus", period=period)
+        self.period = float(period)
+        self.name = "torus"
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        return torch.rand(n, self.dim, generator=generator) * self.period
+        return _wrap(torch.rand(_check_count(n), self.dim, generator=generator) * self.period, self.period)
 
     def distance(self, a: Tensor, b: Tensor) -> Tensor:
+        self._check(a, b)
         delta = torch.remainder(a[:, None, :] - b[None, :, :], self.period)
         delta = torch.minimum(delta, self.period - delta)
         return _safe_sqrt((delta * delta).sum(-1))
 
     def retract(self, x: Tensor) -> Tensor:
-        return torch.remainder(x, self.period)
+        return _wrap(x, self.period)
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -102,31 +192,38 @@ class Torus(Manifold):
 
 
 class Sphere(Manifold):
-    """Unit sphere S^n in R^(n+1) with distance ``scale * arccos<a, b>``.
+    """The unit sphere S^n in R^(n+1) with distance ``scale * arccos<a, b>``.
+
+    The angle is computed as ``2 atan2(|a - b|, |a + b|)``, which equals the arccos on unit
+    vectors, is exactly 0 on the diagonal and stays well conditioned near 0 and pi where
+    arccos is not. Inputs are normalised first, so points slightly off the sphere (after a
+    gradient step) are measured by their projection.
 
     Example:
-        >>> s = Sphere(2)
-        >>> round(float(s.distance(torch.tensor([[1., 0, 0]]), torch.tensor([[0., 1, 0]]))), 4)
+        >>> sphere = Sphere(2)
+        >>> round(float(sphere.distance(torch.tensor([[1., 0, 0]]), torch.tensor([[0., 1, 0]]))), 4)
         7.854
+        >>> sphere.retract(torch.tensor([[3.0, 0.0, 4.0]]))
+        tensor([[0.6000, 0.0000, 0.8000]])
     """
 
     def __init__(self, n: int = 2, scale: float = 5.0) -> None:
-        if int(n) < 1 or scale <= 0:
-            raise ValueError(f"sphere needs n >= 1 and scale > 0, got n={n}, scale={scale}")
-        self.n, self.dim, self.scale, self.name = int(n), int(n) + 1, float(scale), "sphere"
+        self.n = _dimension("sphere", "n", n)
+        _positive("sphere", scale=scale)
+        self.dim, self.scale, self.name = self.n + 1, float(scale), "sphere"
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        return self.retract(torch.randn(n, self.dim, generator=generator))
+        # A standard normal vector is rotation invariant, so its direction is uniform.
+        return self.retract(torch.randn(_check_count(n), self.dim, generator=generator))
 
     def distance(self, a: Tensor, b: Tensor) -> Tensor:
-        # scale * arccos<a, b>, computed as 2 asin(chord / 2): exact 0 on the diagonal in
-        # float32 (arccos of a rounded 1 - 6e-8 is 3e-4) and a finite gradient there.
+        self._check(a, b)
         a, b = self.retract(a), self.retract(b)
-        delta = a[:, None, :] - b[None, :, :]
-        half_chord = _safe_sqrt((delta * delta).sum(-1)) / 2
-        inner = half_chord.clamp(max=1.0 - 1e-7)  # asin has an infinite slope at 1
-        angle = 2 * (torch.asin(inner) + (torch.asin(half_chord.clamp(max=1.0)) - torch.asin(inner)).detach())
-        return self.scale * angle
+        difference = a[:, None, :] - b[None, :, :]
+        total = a[:, None, :] + b[None, :, :]
+        chord = _safe_sqrt((difference * difference).sum(-1))
+        antichord = _safe_sqrt((total * total).sum(-1))
+        return self.scale * 2 * torch.atan2(chord, antichord)
 
     def retract(self, x: Tensor) -> Tensor:
         return x / x.norm(dim=-1, keepdim=True).clamp_min(_EPS)
@@ -137,7 +234,13 @@ class Sphere(Manifold):
 
 
 class Circle(Sphere):
-    """Unit circle in R^2 with distance ``scale * arccos<a, b>`` (S^1)."""
+    """The unit circle S^1 in R^2 with distance ``scale * arccos<a, b>``.
+
+    Example:
+        >>> circle = Circle()
+        >>> round(float(circle.distance(torch.tensor([[1., 0]]), torch.tensor([[-1., 0]]))), 4)
+        15.708
+    """
 
     def __init__(self, scale: float = 5.0) -> None:
         super().__init__(1, scale)
@@ -151,42 +254,50 @@ class Circle(Sphere):
 class KleinBottle(Manifold):
     """[0, L)^2 with (x, y) ~ (x, y + L) and the glide reflection (x, y) ~ (x + L, L - y).
 
+    The distance is the flat quotient distance: the least Euclidean distance from ``a`` to
+    an image of ``b`` under the identifications. Both points are first retracted into the
+    fundamental domain, where the nine images with x shifted by -L, 0, L (odd shifts
+    reflect y) and y shifted by -L, 0, L contain the nearest one.
+
+    Retraction convention: x is wrapped into [0, L); each time x crosses the seam (an odd
+    number of times in total) y is replaced by ``L - y``; then y is wrapped into [0, L).
+
     Example:
-        >>> k = KleinBottle()
-        >>> float(k.distance(torch.tensor([[1.0, 2.0]]), torch.tensor([[11.0, 8.0]])))
+        >>> klein = KleinBottle()
+        >>> float(klein.distance(torch.tensor([[1.0, 2.0]]), torch.tensor([[11.0, 8.0]])))
         0.0
+        >>> klein.retract(torch.tensor([[12.0, 3.0]]))
+        tensor([[2., 7.]])
     """
 
     def __init__(self, period: float = 10.0) -> None:
-        if period <= 0:
-            raise ValueError(f"klein needs period > 0, got {period}")
+        _positive("klein", period=period)
         self.period, self.dim, self.name = float(period), 2, "klein"
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        return torch.rand(n, 2, generator=generator) * self.period
+        return _wrap(torch.rand(_check_count(n), 2, generator=generator) * self.period, self.period)
 
     def distance(self, a: Tensor, b: Tensor) -> Tensor:
+        self._check(a, b)
         a, b = self.retract(a), self.retract(b)
-        L = self.period
+        period = self.period
         dx = a[:, None, 0] - b[None, :, 0]
-        best = None
-        # Images of b: x shifted by k*L (k in -1..1); odd k reflects y; y shifted by l*L.
-        for k in (-1, 0, 1):
-            bx = dx - k * L
-            by = (L - b[:, 1]) if k % 2 else b[:, 1]
-            for l in (-1, 0, 1):
-                dy = a[:, None, 1] - (by[None, :] + l * L)
-                squared = bx * bx + dy * dy
-                best = squared if best is None else torch.minimum(best, squared)
-        return _safe_sqrt(best)
+        nearest = None
+        for x_shift in (-1, 0, 1):
+            image_y = period - b[:, 1] if x_shift % 2 else b[:, 1]
+            squared_x = (dx - x_shift * period) ** 2
+            for y_shift in (-1, 0, 1):
+                dy = a[:, None, 1] - (image_y[None, :] + y_shift * period)
+                squared = squared_x + dy * dy
+                nearest = squared if nearest is None else torch.minimum(nearest, squared)
+        return _safe_sqrt(nearest)
 
     def retract(self, x: Tensor) -> Tensor:
-        L = self.period
-        turns = torch.floor(x[..., 0] / L)
-        xr = x[..., 0] - turns * L
+        period = self.period
+        turns = torch.floor(x[..., 0] / period)
         flipped = torch.remainder(turns, 2) == 1
-        y = torch.where(flipped, L - x[..., 1], x[..., 1])
-        return torch.stack([xr, torch.remainder(y, L)], dim=-1)
+        y = torch.where(flipped, period - x[..., 1], x[..., 1])
+        return torch.stack([_wrap(x[..., 0] - turns * period, period), _wrap(y, period)], dim=-1)
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -194,17 +305,23 @@ class KleinBottle(Manifold):
 
 
 class Euclidean(Manifold):
-    """R^dim with Euclidean distance; samples uniform in the box [0, side)^dim."""
+    """R^dim with Euclidean distance; samples are uniform in the box [0, side)^dim.
 
-    def __init__(self, dim: int = 3, side: float = 10.0) -> None:
-        if int(dim) < 1 or side <= 0:
-            raise ValueError(f"euclidean needs dim >= 1 and side > 0, got dim={dim}, side={side}")
-        self.dim, self.side, self.name = int(dim), float(side), "euclidean"
+    Example:
+        >>> float(Euclidean(3).distance(torch.tensor([[0., 0, 0]]), torch.tensor([[1., 2, 2]])))
+        3.0
+    """
+
+    def __init__(self, dim: int, side: float = 10.0) -> None:
+        self.dim = _dimension("euclidean", "dim", dim)
+        _positive("euclidean", side=side)
+        self.side, self.name = float(side), "euclidean"
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        return torch.rand(n, self.dim, generator=generator) * self.side
+        return torch.rand(_check_count(n), self.dim, generator=generator) * self.side
 
     def distance(self, a: Tensor, b: Tensor) -> Tensor:
+        self._check(a, b)
         delta = a[:, None, :] - b[None, :, :]
         return _safe_sqrt((delta * delta).sum(-1))
 
@@ -217,65 +334,126 @@ class Euclidean(Manifold):
 
 
 class ProductManifold(Manifold):
-    """M1 x M2 x ...: coordinates concatenated, distance sqrt(sum of squared distances)."""
+    """M1 x M2 x ...: coordinates concatenated, distance ``sqrt(sum_k d_k^2)``.
 
-    def __init__(self, factors: list[Manifold]) -> None:
-        if len(factors) < 2:
-            raise ValueError(f"a product needs at least two factors, got {len(factors)}")
-        self.factors = list(factors)
-        self.dim = sum(f.dim for f in self.factors)
-        self.name = "*".join(f.name for f in self.factors)
+    Args:
+        factors: two or more manifolds, or names/specs that :func:`get_manifold` accepts.
 
-    def _split(self, x: Tensor) -> list[Tensor]:
-        return list(torch.split(x, [f.dim for f in self.factors], dim=-1))
+    Example:
+        >>> product = ProductManifold(["circle", "torus"])
+        >>> product.name, product.dim
+        ('circle*torus', 4)
+        >>> a = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+        >>> b = torch.tensor([[1.0, 0.0, 3.0, 9.0]])
+        >>> round(float(product.distance(a, b)), 4)  # circle 0, torus sqrt(3^2 + 1^2)
+        3.1623
+    """
+
+    def __init__(self, factors: Sequence[Manifold | str | dict]) -> None:
+        if isinstance(factors, (str, Manifold)) or len(factors) < 2:
+            raise ValueError(f"a product needs a list of at least two factors, got {factors!r}")
+        self.factors = [get_manifold(factor) for factor in factors]
+        self.dim = sum(factor.dim for factor in self.factors)
+        self.name = "*".join(factor.name for factor in self.factors)
+
+    def _split(self, x: Tensor) -> tuple[Tensor, ...]:
+        return torch.split(x, [factor.dim for factor in self.factors], dim=-1)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        return torch.cat([f.sample(n, generator) for f in self.factors], dim=-1)
+        return torch.cat([factor.sample(n, generator) for factor in self.factors], dim=-1)
 
     def distance(self, a: Tensor, b: Tensor) -> Tensor:
-        squared = sum(f.distance(x, y) ** 2 for f, x, y in zip(self.factors, self._split(a), self._split(b)))
-        return _safe_sqrt(squared)
+        self._check(a, b)
+        parts = zip(self.factors, self._split(a), self._split(b))
+        return _safe_sqrt(sum(factor.distance(x, y) ** 2 for factor, x, y in parts))
 
     def retract(self, x: Tensor) -> Tensor:
-        return torch.cat([f.retract(p) for f, p in zip(self.factors, self._split(x))], dim=-1)
+        return torch.cat([factor.retract(part) for factor, part in zip(self.factors, self._split(x))], dim=-1)
 
     @property
     def spec(self) -> dict[str, Any]:
-        return {"name": self.name, "factors": [f.spec for f in self.factors]}
+        return {"name": self.name, "factors": [factor.spec for factor in self.factors]}
 
 
-register_manifold("torus")(lambda **kw: Torus(**{"dim": 2, **kw}))
-register_manifold("torus6")(lambda **kw: Torus(**{"dim": 6, **kw}))
+register_manifold("torus")(Torus)
 register_manifold("circle")(Circle)
-register_manifold("sphere")(lambda **kw: Sphere(**{"n": 2, **kw}))
-register_manifold("s3")(lambda **kw: Sphere(**{"n": 3, **kw}))
+register_manifold("sphere")(Sphere)
 register_manifold("klein")(KleinBottle)
-register_manifold("r3")(lambda **kw: Euclidean(**{"dim": 3, **kw}))
-register_manifold("euclidean")(Euclidean)
 
 
-def get_manifold(manifold: str | Manifold | dict, **options: Any) -> Manifold:
-    """A manifold from a registered name, a product string ``"circle*sphere"``, a spec dict
-    or an instance (returned as is).
+@register_manifold("torus6")
+def _torus6(dim: int = 6, period: float = 10.0) -> Torus:
+    return Torus(dim=dim, period=period)
+
+
+@register_manifold("s3")
+def _s3(n: int = 3, scale: float = 5.0) -> Sphere:
+    return Sphere(n=n, scale=scale)
+
+
+@register_manifold("r3")
+def _r3(dim: int = 3, side: float = 10.0) -> Euclidean:
+    return Euclidean(dim=dim, side=side)
+
+
+@register_manifold("euclidean")
+def _euclidean(dim: int | None = None, side: float = 10.0) -> Euclidean:
+    if dim is None:
+        raise ValueError("manifold 'euclidean' needs dim=, e.g. get_manifold('euclidean', dim=5); 'r3' is R^3")
+    return Euclidean(dim=dim, side=side)
+
+
+_ALTERNATIVES = "or a product such as 'circle*sphere', or a Manifold instance"
+
+
+def get_manifold(name: str | Manifold | dict, **options: Any) -> Manifold:
+    """A manifold from a registered name, a product string, a spec dict or an instance.
+
+    Args:
+        name: a name in :data:`MANIFOLDS`; factors joined by ``*`` (``"circle*sphere"``,
+            each factor with its defaults); a ``spec`` dict; or a :class:`Manifold`
+            instance, returned as is.
+        **options: constructor options of a registered manifold (``dim=``, ``period=``,
+            ``scale=``, ``side=``); ``factors=`` (a list of specs) builds a product.
 
     Raises:
         UnknownNameError: the name (or a factor's name) is not registered.
+        ValueError: bad options, e.g. ``dim=0``.
+
+    Example:
+        >>> get_manifold("torus", dim=3)
+        Torus(dim=3, period=10.0)
+        >>> get_manifold(**get_manifold("circle*s3").spec).dim
+        6
+        >>> get_manifold("toruss")
+        Traceback (most recent call last):
+        ...
+        moduli_transform.manifolds.UnknownNameError: unknown manifold 'toruss'; expected one of circle, euclidean, klein, r3, s3, sphere, torus, torus6, or a product such as 'circle*sphere', or a Manifold instance (did you mean 'torus'?)
     """
-    if isinstance(manifold, Manifold):
-        return manifold
-    if isinstance(manifold, dict):
-        spec = dict(manifold)
-        if "factors" in spec:
-            return ProductManifold([get_manifold(f) for f in spec["factors"]])
-        name = spec.pop("name")
-        return get_manifold(name, **{**spec, **options})
-    if isinstance(manifold, str) and "*" in manifold:
-        return ProductManifold([get_manifold(part.strip()) for part in manifold.split("*")])
-    if manifold not in MANIFOLDS:
-        raise UnknownNameError(
-            f"unknown manifold {manifold!r}; expected one of {', '.join(sorted(MANIFOLDS))}, "
-            "or a product such as 'circle*sphere', or a Manifold instance")
+    if isinstance(name, Manifold):
+        if options:
+            raise ValueError(f"options {options} were given with the instance {name!r}; configure the instance instead")
+        return name
+    if isinstance(name, dict):
+        spec = dict(name)
+        if "name" not in spec and "factors" not in spec:
+            raise ValueError(f"a manifold spec needs a 'name' key, got {name!r}")
+        return get_manifold(spec.pop("name", "product"), **{**spec, **options})
+    if not isinstance(name, str):
+        raise ValueError(f"expected a manifold name, spec dict or Manifold instance, got {name!r}")
+    if "factors" in options:
+        factors = options.pop("factors")
+        if options:
+            raise ValueError(f"a product takes only factors=, got also {options}")
+        return ProductManifold(factors)
+    if "*" in name:
+        if options:
+            raise ValueError(f"options {options} cannot apply to the product {name!r}; "
+                             "pass factors=[spec, ...] or build ProductManifold([...]) instead")
+        return ProductManifold([part.strip() for part in name.split("*")])
+    if name not in MANIFOLDS:
+        raise UnknownNameError.for_name("manifold", name, MANIFOLDS, _ALTERNATIVES)
     try:
-        return MANIFOLDS[manifold](**options)
+        return MANIFOLDS[name](**options)
     except TypeError as error:
-        raise ValueError(f"bad options {options} for manifold {manifold!r}: {error}") from None
+        raise ValueError(f"bad options {options} for manifold {name!r}: {error}") from None

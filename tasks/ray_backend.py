@@ -113,6 +113,13 @@ def _import_ray() -> Any:
     return ray
 
 
+def _local_runtime_env() -> dict:
+    """Workers of a local instance import ``tasks`` from this checkout, installed or not."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    return {"env_vars": {"PYTHONPATH": path}}
+
+
 def execute_ray(plans: Sequence[Any], run_fn: RunFunction, address: str | None = None, cpus_per_run: float = 1,
                 gpus_per_run: float = 0, *, run_dir_of: Callable[[Any], Path] = plan_run_dir,
                 retries: int = 0) -> list[dict | RunFailure]:
@@ -146,7 +153,8 @@ def execute_ray(plans: Sequence[Any], run_fn: RunFunction, address: str | None =
     ray = _import_ray()
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 runtime_env=None if address else _local_runtime_env())
     try:
         remote = ray.remote(_guarded).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=retries)
         references = {index: remote.remote(run_fn, plans[index], run_dir_of(plans[index])) for index in pending}

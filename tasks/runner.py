@@ -268,7 +268,10 @@ class _Run:
 
     def save_checkpoint(self) -> None:
         task_tensors, task_state = flatten_state(self.task.state_dict(), "task")
-        extra = {"config": self.config.identity(), "progress": asdict(self.progress), "task": task_state}
+        step = self.progress.step
+        phase = self.phases.at(step)[0] if step < self.phases.total else "done"
+        extra = {"config": self.config.identity(), "progress": asdict(self.progress), "task": task_state,
+                 "phase": phase}
         tensors, state = capture_training_state(self.progress.step, self.model, self.optimizer, self.handle,
                                                 {"data": self.generator}, extra)
         tensors.update(task_tensors)

@@ -31,6 +31,7 @@ WORLD_SIZE, STEPS, HIDDEN, GLOBAL_BATCH = 2, 6, 16, 8
 SCENARIOS = {  # name -> (attach before wrapping?, attach options)
     "before-trained": (True, {"embedding": "trained"}),
     "after-fixed": (False, {"embedding": "fixed"}),
+    "before-auto": (True, {"embedding": "trained", "auto": True}),  # no penalty()/step() calls
 }
 
 
@@ -56,11 +57,14 @@ def train(model: nn.Module, handle, rank: int, world_size: int) -> None:
         x = torch.rand(GLOBAL_BATCH, 5, 2, generator=generator)
         y = x[..., 0].sum(1) * 0.2
         x, y = shard_batch((x, y), rank, world_size)
-        loss = nn.functional.mse_loss(model(x), y) + handle.penalty()
+        loss = nn.functional.mse_loss(model(x), y)
+        if not handle.config.auto:
+            loss = loss + handle.penalty()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        handle.step()
+        if not handle.config.auto:
+            handle.step()
 
 
 def snapshot(model: nn.Module, handle) -> dict[str, torch.Tensor]:
@@ -90,6 +94,7 @@ def worker(rank: int, world_size: int, port: int, out: str) -> None:
         train(ddp_model, handle, rank, world_size)
         report[f"{name}/in_sync_at_end"] = check_in_sync(handle, ddp_model)
         save_file(snapshot(ddp_model, handle), os.path.join(out, f"{name}-rank{rank}.safetensors"))
+        del ddp_model  # a DDP wrapper alive at interpreter exit can abort the process
     # Rank-dependent embedding gradients (as from a loss that reads the embeddings): the hook
     # sync_handle installed averages them before the update, so the ranks stay identical.
     torch.manual_seed(0)

@@ -12,8 +12,6 @@ from tasks.ray_backend import (
     RunFailure, execute_ray, execute_serial, plan_run_dir, read_summary, split_finished,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def make_run_fn():
     """A trivial run: counts its calls in the run directory, fails when the plan says so.
@@ -109,8 +107,10 @@ def test_ray_sweep_skips_finished_and_reruns_failed(plans, monkeypatch):
     ray = pytest.importorskip("ray")
     if ray.is_initialized():
         ray.shutdown()
-    # Workers are spawned by Ray's daemons and inherit this environment.
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    # Run from elsewhere with no PYTHONPATH: workers still import ``tasks`` (installed, or via
+    # the runtime environment execute_ray gives a local instance).
+    monkeypatch.chdir(plans[0]["out"].parent)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     check_first_and_second_sweep(lambda p, f: execute_ray(p, f, cpus_per_run=1), plans)
     assert not ray.is_initialized()  # the local instance it started is stopped again

@@ -142,3 +142,24 @@ def test_adding_problem_learns(tmp_path):
                        out=str(tmp_path / "learn"), checkpoint_every=10_000, threads=1)
     summary = run(config, progress=False)
     assert summary["sparse_metric"] < 0.25
+
+
+# -- command line -----------------------------------------------------------------------
+def test_train_command_parses_into_a_run_config(tmp_path):
+    import argparse
+
+    from tasks.cli import config_from_args, register_table, register_train
+
+    parser = argparse.ArgumentParser()
+    subparsers = parser.add_subparsers()
+    register_train(subparsers)
+    register_table(subparsers)
+    args = parser.parse_args(["train", "navigation", "--preset", "test", "--manifold", "sphere", "--inhibitor",
+                              "ricker", "--regularizer", "l1", "--embedding", "trained", "--sparsity", "0.8",
+                              "--lottery", "--seed", "2", "--out", str(tmp_path), "--steps", "9", "--resume"])
+    assert config_from_args(args) == RunConfig(
+        task="navigation", preset="test", manifold="sphere", inhibitor="ricker", regularizer="l1",
+        embedding="trained", sparsity=0.8, lottery=True, seed=2, out=str(tmp_path), steps=9, resume=True)
+    table = parser.parse_args(["table", "--tasks", "adding", "--seeds", "0", "1", "--sparsities", "0.5", "0.9"])
+    assert table.tasks == ["adding"] and table.seeds == [0, 1] and table.sparsities == [0.5, 0.9]
+    assert callable(table.func)
