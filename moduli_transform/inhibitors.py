@@ -5,8 +5,8 @@ expensive. Paper defaults: difference of Gaussians ``100 (exp(-d^2/5) - exp(-4 d
 inverted; diffusion ``d^2``; sinusoid ``50 + 50 cos(2d)``.
 
 Inversion: with ``invert=True`` an inhibitor returns ``f_max - f(d)``, where ``f_max`` is the
-largest value of f over the distance tensor it is given (detached, so it acts as a constant
-in gradients). The coefficients are then >= 0 and the largest values of f become the
+largest value of f over the distance tensor it is given (differentiated like any other
+term, so gradients are those of the penalty as written). The coefficients are then >= 0 and the largest values of f become the
 cheapest connections.
 """
 
@@ -45,7 +45,7 @@ class Inhibitor(abc.ABC):
     """Base class: subclasses are dataclasses implementing :meth:`profile`.
 
     Attributes:
-        invert: return ``f_max - f`` (``f_max`` over the given tensor, detached) instead of f.
+        invert: return ``f_max - f`` (``f_max`` over the given tensor) instead of f.
     """
 
     name: ClassVar[str] = "inhibitor"
@@ -66,7 +66,7 @@ class Inhibitor(abc.ABC):
     def __call__(self, distance: Tensor) -> Tensor:
         values = self.profile(distance)
         if self.invert and values.numel():
-            values = values.max().detach() - values
+            values = values.max() - values
         return values
 
     @property

@@ -57,11 +57,11 @@ def test_invert_uses_the_maximum_over_the_whole_given_tensor():
     assert f(torch.empty(0, 3)).shape == (0, 3)
 
 
-def test_inverted_maximum_is_detached():
+def test_inverted_maximum_is_differentiated():
     d = torch.tensor([0.3, 1.2, 2.5], requires_grad=True)
     get_inhibitor("diffusion", invert=True)(d).sum().backward()
-    # d/dd (f_max - d^2) with f_max constant: -2d, including at the argmax.
-    assert torch.allclose(d.grad, -2 * d.detach())
+    # d/dd sum(f_max - d^2) = 3 * df_max/dd - 2d; f_max = 2.5^2 moves with the last entry only.
+    assert torch.allclose(d.grad, torch.tensor([-0.6, -2.4, 3 * 5.0 - 5.0]))
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_DEFAULTS))
