@@ -9,7 +9,15 @@ from .targets import Target
 if TYPE_CHECKING:
     from .handle import ModuliHandle
 
-__all__ = ["format_table", "format_targets", "format_summary"]
+__all__ = ["format_bytes", "format_table", "format_targets", "format_summary"]
+
+
+def format_bytes(count: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count} B"
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -38,8 +46,8 @@ def format_summary(handle: "ModuliHandle") -> str:
             embedding = "-"
         else:
             embedding = f"{'shared' if reg.shared else 'rows+cols'} {'trained' if reg.trained else 'fixed'}"
-        memory = f"{reg.coefficient_bytes() / 2**20:.2f} MiB" if reg is not None else "-"
-        rows.append((t.name, t.kind, "x".join(map(str, t.shape)), t.describe_slices(), t.gates,
+        memory = format_bytes(reg.coefficient_bytes()) if reg is not None else "-"
+        rows.append((t.name, t.kind, "x".join(map(str, t.shape)), t.describe_slices(), f"{t.gates} {''.join(t.gate_names)}".strip(),
                      embedding, memory, f"{100 * sparsity.get(t.name, 0.0):.1f}%"))
     config = handle.config.to_dict()
     head = (f"moduli-transform: manifold={config['manifold']} inhibitor={config['inhibitor']} "
@@ -47,4 +55,4 @@ def format_summary(handle: "ModuliHandle") -> str:
             f"step={handle.step_count} target sparsity={config['sparsity']} "
             f"overall={100 * sparsity['overall']:.1f}%{' (lottery: masks frozen)' if handle.frozen else ''}")
     table = format_table(["parameter", "kind", "shape", "slice", "gates", "embedding", "C memory", "sparsity"], rows)
-    return f"{head}\n{table}\ncoefficient memory: {handle.memory_bytes() / 2**20:.2f} MiB"
+    return f"{head}\n{table}\ncoefficient memory: {format_bytes(handle.memory_bytes())}"
