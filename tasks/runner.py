@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -45,7 +46,11 @@ from typing import Any
 import numpy
 import torch
 from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
+
+from moduli_transform.distributed import (barrier, init_distributed_from_env, is_main_process, shard_batch,
+                                          sync_handle)
 
 from . import TASKS, Task, get_task
 from .checkpoint import (capture_training_state, flatten_state, load_checkpoint, restore_training_state,
@@ -61,6 +66,7 @@ SUMMARY_KEYS = ("task", "preset", "regularizer", "manifold", "inhibitor", "embed
                 "wall_time_s", "data_time_fraction", "steps")
 METRIC_KEYS = ("step", "phase", "kind", "loss", "metric", "sparsity")
 WEIGHTS_FILE = "weights.safetensors"
+EMBEDDINGS_FILE = "embeddings.safetensors"
 
 
 class RunConfigError(ValueError):
@@ -223,6 +229,17 @@ def _save_weights(path: Path, model: torch.nn.Module, masks: dict[str, torch.Ten
     os.replace(temporary, path)
 
 
+def _save_embeddings(path: Path, handle: Any) -> None:
+    """Each target's neuron coordinates: ``<param>/rows`` and ``<param>/cols``."""
+    tensors = {}
+    for name, regularizer in handle.regularizers.items():
+        tensors[f"{name}/rows"] = regularizer.row_embedding.detach().contiguous().clone()
+        tensors[f"{name}/cols"] = regularizer.col_embedding.detach().contiguous().clone()
+    temporary = path.with_suffix(".tmp")
+    save_file(tensors, str(temporary), metadata={"manifold": json.dumps(handle.config.to_dict()["manifold"])})
+    os.replace(temporary, path)
+
+
 @dataclass
 class _Progress:
     """What the loop accumulates; all of it goes into checkpoints."""
@@ -260,6 +277,13 @@ class _Run:
         self.optimizer = self.task.make_optimizer(self.model)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.progress = _Progress()
+        # Under torchrun: train through DDP, keep the bare model for evaluation and files.
+        # The backend follows the model's device: gloo for CPU tensors even on a GPU machine.
+        self.train_model: torch.nn.Module = self.model
+        backend = "nccl" if next(self.model.parameters()).is_cuda else "gloo"
+        if init_distributed_from_env(backend)[1] > 1:
+            self.train_model = DistributedDataParallel(self.model)
+            sync_handle(self.handle)
 
     # -- checkpoints ----------------------------------------------------------------------
     @property
@@ -275,7 +299,8 @@ class _Run:
         tensors, state = capture_training_state(self.progress.step, self.model, self.optimizer, self.handle,
                                                 {"data": self.generator}, extra)
         tensors.update(task_tensors)
-        save_checkpoint(self.checkpoints, tensors, state)
+        if is_main_process():
+            save_checkpoint(self.checkpoints, tensors, state)
 
     def restore(self) -> bool:
         """Load the newest checkpoint; False when there is none."""
@@ -301,10 +326,11 @@ class _Run:
 
     def train_step(self, phase: str, phase_step: int) -> tuple[float, float]:
         started = time.perf_counter()
-        batch = self.task.train_batch(phase_step, self.generator)
+        # Every rank draws the same global batch and trains on its equal slice.
+        batch = shard_batch(self.task.train_batch(phase_step, self.generator), dim=getattr(self.task, "batch_dim", 0))
         data_done = time.perf_counter()
         self.model.train()
-        loss, metric = self.task.loss(self.model, batch)
+        loss, metric = self.task.loss(self.train_model, batch)
         # The lottery ticket retrains the task loss alone, masks fixed.
         total = loss if phase == "lottery" else loss + self.handle.penalty()
         self.optimizer.zero_grad(set_to_none=True)
@@ -350,10 +376,11 @@ class _Run:
 
     def train(self, progress: bool, stop_after: int | None) -> None:
         metrics_path = self.out / "metrics.jsonl"
-        with open(metrics_path, "r+" if metrics_path.exists() else "w") as file:
+        main = is_main_process()
+        with (open(metrics_path, "r+" if metrics_path.exists() else "w") if main else io.StringIO()) as file:
             file.truncate(self.progress.metrics_bytes)
             file.seek(self.progress.metrics_bytes)
-            bar = tqdm(total=self.phases.total, initial=self.progress.step, disable=not progress,
+            bar = tqdm(total=self.phases.total, initial=self.progress.step, disable=not (progress and main),
                        desc=f"{self.config.task}/{self.config.regularizer}", dynamic_ncols=True)
             with bar:
                 resumed_at = time.perf_counter() - self.progress.wall_time_s
@@ -426,16 +453,24 @@ def run(config: RunConfig, *, progress: bool = True, stop_after: int | None = No
 
 def _run(config: RunConfig, progress: bool, stop_after: int | None) -> dict[str, Any]:
     state = _Run(config)
-    state.out.mkdir(parents=True, exist_ok=True)
+    main = is_main_process()  # rank 0 alone writes the run directory
+    if main:
+        state.out.mkdir(parents=True, exist_ok=True)
     try:
-        if not (config.resume and state.restore()):
+        resumed = config.resume and state.restore()
+        barrier()  # no rank reads checkpoints rank 0 is about to clear
+        if main and not resumed:
             shutil.rmtree(state.checkpoints, ignore_errors=True)
             (state.out / "metrics.jsonl").unlink(missing_ok=True)
-        _atomic_json(state.out / "config.json", state.resolved_config())
+        if main:
+            _atomic_json(state.out / "config.json", state.resolved_config())
         state.train(progress, stop_after)
-        _save_weights(state.out / WEIGHTS_FILE, state.model, state.handle.masks)
         summary = state.summary()
-        _atomic_json(state.out / "summary.json", summary)
+        if main:
+            _save_weights(state.out / WEIGHTS_FILE, state.model, state.handle.masks)
+            _save_embeddings(state.out / EMBEDDINGS_FILE, state.handle)
+            (state.out / "handle.txt").write_text(state.handle.summary() + "\n")
+            _atomic_json(state.out / "summary.json", summary)
         return summary
     finally:
         # The handle's optimizer hook is global; leave no hooks behind for later runs.

@@ -197,3 +197,40 @@ def test_attaching_to_the_ddp_wrapper_is_refused():
 
     with pytest.raises(ValueError, match="bare model"):
         sync_handle(FakeHandle())
+
+
+# -- the task runner under torchrun ---------------------------------------------------------
+@needs_core
+@needs_gloo
+@pytest.mark.slow
+def test_runner_under_torchrun_matches_single_process(tmp_path):
+    import subprocess
+    import sys
+
+    from tasks.runner import RunConfig, run
+
+    options = dict(task="adding", preset="test", embedding="trained", threads=1)
+    run(RunConfig(out=str(tmp_path / "single"), **options), progress=False)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}",
+               "-m", "moduli_transform.cli", "train", "adding", "--preset", "test", "--embedding", "trained",
+               "--threads", "1", "--no-progress", "--out", str(tmp_path / "ddp")]
+    finished = subprocess.run(command, env=env, capture_output=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr.decode()[-3000:]
+    single, ddp = (load_file(tmp_path / name / "weights.safetensors") for name in ("single", "ddp"))
+    assert set(single) == set(ddp) and any(key.startswith("mask/") for key in single)
+    for key in single:
+        if single[key].dtype == torch.bool:
+            assert torch.equal(single[key], ddp[key]), key
+        else:
+            torch.testing.assert_close(single[key], ddp[key], atol=1e-6, rtol=0, msg=key)
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["steps"] > 0
+
+    # Rank 0 logs the loss of its half of each batch: proof the ranks really split the batch
+    # (with whole batches on each rank, or no DDP at all, the weights would match as well).
+    def train_losses(name):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [record["loss"] for record in map(json.loads, lines) if record["kind"] == "train"]
+
+    single_losses, ddp_losses = train_losses("single"), train_losses("ddp")
+    assert len(single_losses) == len(ddp_losses) > 0 and single_losses != ddp_losses
