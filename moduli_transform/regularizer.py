@@ -112,6 +112,8 @@ class ModuliRegularizer(nn.Module):
         for name in ("row_points",) if self.shared else ("row_points", "col_points"):
             self._buffers[name].requires_grad_(self._trained)
         self._cache = None
+        if not self._trained:
+            self.coefficients()
 
     def embedding_tensors(self) -> list[Tensor]:
         """The distinct embedding tensors (one when rows and columns are shared)."""
