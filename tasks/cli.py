@@ -70,24 +70,27 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def register_table(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``table``: a grid of runs (tasks x regularizers x manifolds x sparsities x seeds).
-
-    Only parses; :func:`tasks.table.run_table` runs the grid and writes the table.
-    """
-    parser = subparsers.add_parser("table", help="run a grid of runs and tabulate their metrics",
-                                   description="Run (or reuse) a grid of runs and write a results table.")
-    parser.add_argument("--tasks", nargs="+", default=sorted(TASKS), choices=sorted(TASKS))
-    parser.add_argument("--regularizers", nargs="+", default=list(REGULARIZERS), choices=REGULARIZERS)
-    parser.add_argument("--manifolds", nargs="+", default=["torus"])
-    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.9])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--out", default="runs/table", help="folder of the runs and the table")
-    parser.add_argument("--format", default="markdown", choices=("markdown", "csv", "latex", "json"))
-    _add_run_options(parser)
+    """Add ``table TASK``: the grid of one of the paper's tables (see :mod:`tasks.table`)."""
+    parser = subparsers.add_parser("table", help="run the paper's comparison grid for a task and tabulate it",
+                                   description="Run (or reuse) a grid of runs and write markdown/CSV tables "
+                                               "and figures.")
+    parser.add_argument("task", choices=sorted(TASKS))
+    parser.add_argument("--preset", default="cpu", help="test | cpu | paper (default: cpu)")
+    parser.add_argument("--grid", default="controls", choices=("controls", "manifolds", "embeddings", "all"))
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds per cell (default: 3)")
+    parser.add_argument("--sparsities", nargs="+", type=float, default=None,
+                        help="default: the paper's levels for the task plus 0.99")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: preset)")
+    parser.add_argument("--data", default=None, help="corpus for the language model")
+    parser.add_argument("--out", default=None, help="folder of the runs and tables (default: runs/table-TASK)")
+    parser.add_argument("--jobs", type=int, default=1, help="local runs at once (one thread each when > 1)")
+    parser.add_argument("--backend", default="local", choices=("local", "ray"))
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray instance)")
     parser.set_defaults(func=_table)
 
 
 def _table(args: argparse.Namespace) -> int:
     from .table import run_table
 
+    args.out = args.out or f"runs/table-{args.task}"
     return int(run_table(args) or 0)

@@ -1,0 +1,193 @@
+"""`moduli-transform table TASK`: the paper's comparison tables from our own runs.
+
+Grids (each at the task's paper sparsity levels plus 99%, every cell over ``seeds`` seeds):
+
+* ``controls``: moduli vs none vs L1 vs shuffled (torus, difference of Gaussians);
+* ``manifolds``: torus, circle, sphere, Klein bottle, 6-torus (moduli);
+* ``embeddings``: fixed vs trained embeddings on the torus and on R^3 (moduli).
+
+Runs land in ``<out>/<variant>-s<sparsity>-seed<seed>``; a run whose ``summary.json``
+exists is reused, so re-running a sweep only runs what is missing or failed. The table is
+written as markdown and CSV in the paper's form: one column per variant, a "Dense" row and
+"% Sparse" / "% Lottery" rows per sparsity, cells "mean (std)" over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm import tqdm
+
+from .ray_backend import RunFailure, execute_ray, split_finished
+from .runner import RunConfig, run
+
+__all__ = ["GRIDS", "PAPER_SPARSITIES", "plan_runs", "execute", "aggregate", "format_markdown", "write_tables",
+           "run_table"]
+
+PAPER_SPARSITIES = {"navigation": (0.9, 0.95), "adding": (0.9, 0.95), "language_model": (0.9, 0.95, 0.98)}
+EXTRA_SPARSITY = 0.99
+
+# variant name -> RunConfig fields
+GRIDS: dict[str, dict[str, dict[str, str]]] = {
+    "controls": {name: {"regularizer": name} for name in ("moduli", "none", "l1", "shuffled")},
+    "manifolds": {name: {"manifold": name} for name in ("torus", "circle", "sphere", "klein", "torus6")},
+    "embeddings": {f"{manifold}-{embedding}": {"manifold": manifold, "embedding": embedding}
+                   for manifold in ("torus", "r3") for embedding in ("fixed", "trained")},
+}
+
+
+def plan_runs(task: str, preset: str, grid: str, seeds: int, sparsities: Sequence[float], out: str | Path,
+              **run_options: Any) -> list[tuple[str, RunConfig]]:
+    """(variant, RunConfig) for every cell of the grid, seed and sparsity.
+
+    Example:
+        >>> plans = plan_runs("adding", "test", "controls", 2, [0.9], "runs/t")
+        >>> len(plans), plans[0][0], plans[0][1].out
+        (8, 'moduli', 'runs/t/moduli-s0.9-seed0')
+    """
+    grids = GRIDS if grid == "all" else {grid: GRIDS[grid]} if grid in GRIDS else None
+    if grids is None:
+        raise ValueError(f"unknown grid {grid!r}; expected one of {', '.join([*GRIDS, 'all'])}")
+    plans = []
+    for variants in grids.values():
+        for variant, fields in variants.items():
+            for sparsity in sparsities:
+                for seed in range(seeds):
+                    config = RunConfig(task=task, preset=preset, sparsity=sparsity, seed=seed, lottery=True,
+                                       out=str(Path(out) / f"{variant}-s{sparsity:g}-seed{seed}"),
+                                       **{**run_options, **fields})
+                    plans.append((variant, config))
+    # The torus moduli run appears in several grids: plan it once.
+    unique = {config.out: (variant, config) for variant, config in plans}
+    return list(unique.values())
+
+
+def _run_quietly(config: RunConfig) -> dict[str, Any]:
+    return run(config, progress=False)
+
+
+def execute(configs: Sequence[RunConfig], backend: str = "local", jobs: int = 1, address: str | None = None,
+            cpus_per_run: float = 1, gpus_per_run: float = 0) -> list[dict | RunFailure]:
+    """Run the unfinished configs (local processes or Ray); finished ones are read back."""
+    if backend == "ray":
+        return execute_ray(configs, _run_quietly, address, cpus_per_run, gpus_per_run)
+    if backend != "local":
+        raise ValueError(f"unknown backend {backend!r}; expected one of local, ray")
+    finished, pending = split_finished(configs)
+    results: list[Any] = [finished.get(i) for i in range(len(configs))]
+    if jobs > 1:  # one thread per run: small RNNs train fastest that way on a shared CPU
+        configs = [replace(c, threads=c.threads or 1) for c in configs]
+    with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool, tqdm(total=len(pending), desc="runs") as bar:
+        futures = {index: pool.submit(_run_quietly, configs[index]) for index in pending}
+        for index, future in futures.items():
+            try:
+                results[index] = future.result()
+            except Exception as error:  # one failed run does not stop the sweep
+                results[index] = RunFailure(configs[index], Path(configs[index].out), repr(error))
+            bar.update(1)
+    return results
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4g} ({std:.2g})"
+
+
+def aggregate(plans: Sequence[tuple[str, RunConfig]], results: Sequence[Any]) -> list[dict[str, Any]]:
+    """One row per (variant, sparsity, kind) with the seeds' values, mean and std."""
+    values: dict[tuple[str, float, str], list[float]] = {}
+    for (variant, config), result in zip(plans, results):
+        if not isinstance(result, dict):
+            continue
+        for kind, key in (("dense", "dense_metric"), ("sparse", "sparse_metric"), ("lottery", "lottery_metric")):
+            if result.get(key) is not None:
+                values.setdefault((variant, config.sparsity, kind), []).append(float(result[key]))
+    rows = []
+    for (variant, sparsity, kind), seeds in values.items():
+        rows.append({"variant": variant, "sparsity": sparsity, "kind": kind, "values": seeds,
+                     "mean": statistics.mean(seeds), "std": statistics.stdev(seeds) if len(seeds) > 1 else 0.0})
+    return rows
+
+
+def format_markdown(rows: Sequence[dict[str, Any]], metric_name: str) -> str:
+    """The paper's layout: variants as columns; Dense, then % Sparse / % Lottery per sparsity."""
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    sparsities = sorted({r["sparsity"] for r in rows})
+    lookup = {(r["variant"], r["sparsity"], r["kind"]): r["values"] for r in rows}
+    lines = [f"| {metric_name} | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
+    dense = [sum((lookup.get((v, s, "dense"), []) for s in sparsities), []) for v in variants]
+    lines.append("| Dense | " + " | ".join(_cell(d) for d in dense) + " |")
+    for sparsity in sparsities:
+        for kind, label in (("sparse", "Sparse"), ("lottery", "Lottery")):
+            cells = [_cell(lookup.get((v, sparsity, kind), [])) for v in variants]
+            lines.append(f"| {100 * sparsity:g}% {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_tables(rows: Sequence[dict[str, Any]], out: str | Path, name: str, metric_name: str) -> tuple[Path, Path]:
+    """``<out>/<name>.md`` and ``<out>/<name>.csv`` (one line per seed value)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = out / f"{name}.md"
+    markdown.write_text(format_markdown(rows, metric_name) + "\n")
+    table = out / f"{name}.csv"
+    with table.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["variant", "sparsity", "kind", "mean", "std", "seeds", "values"])
+        for r in rows:
+            writer.writerow([r["variant"], r["sparsity"], r["kind"], f"{r['mean']:.6g}", f"{r['std']:.6g}",
+                             len(r["values"]), " ".join(f"{v:.6g}" for v in r["values"])])
+    return markdown, table
+
+
+def _figures(rows: list[dict[str, Any]], plans: Sequence[tuple[str, RunConfig]], results: Sequence[Any],
+             out: Path, name: str, metric_name: str) -> list[Path]:
+    try:
+        from .figures import persistence_diagram, plot_metric_vs_sparsity, plot_persistence
+    except ImportError:
+        return []
+    paths = [plot_metric_vs_sparsity([r for r in rows if r["kind"] == "sparse"], out / f"{name}-sparsity.png",
+                                     metric_name)]
+    for (variant, config), result in zip(plans, results):
+        if config.embedding == "trained" and config.seed == 0 and isinstance(result, dict):
+            from safetensors.torch import load_file
+
+            from moduli_transform.manifolds import get_manifold
+
+            embeddings = load_file(str(Path(config.out) / "embeddings.safetensors"))
+            points = next(v for k, v in embeddings.items() if k.endswith("/rows"))[:300]
+            manifold = get_manifold(config.manifold)
+            diagrams = persistence_diagram(manifold.distance(points, points))
+            paths.append(plot_persistence(diagrams, out / f"persistence-{variant}-s{config.sparsity:g}.png",
+                                          f"trained {config.manifold} embedding"))
+    return paths
+
+
+def run_table(args: argparse.Namespace) -> int:
+    """Plan, run (or reuse) and tabulate; called by ``moduli-transform table``."""
+    from . import get_task
+
+    sparsities = args.sparsities or [*PAPER_SPARSITIES[args.task], EXTRA_SPARSITY]
+    plans = plan_runs(args.task, args.preset, args.grid, args.seeds, sparsities, args.out,
+                      steps=args.steps, data=args.data)
+    print(f"{len(plans)} runs planned in {args.out} ({args.grid}, {args.seeds} seeds, sparsities {sparsities})")
+    results = execute([config for _, config in plans], args.backend, args.jobs, args.address)
+    failures = [r for r in results if isinstance(r, RunFailure)]
+    for failure in failures:
+        print(f"failed: {failure.run_dir}: {failure.error.strip().splitlines()[-1]}")
+    metric_name = get_task(args.task).metric_name
+    name = f"{args.task}-{args.grid}"
+    rows = aggregate(plans, results)
+    markdown, table = write_tables(rows, args.out, name, metric_name)
+    print("\n" + markdown.read_text())
+    figures = _figures(rows, plans, results, Path(args.out), name, metric_name)
+    print(f"written: {markdown}, {table}" + "".join(f", {p}" for p in figures))
+    return 1 if failures else 0

@@ -1,0 +1,78 @@
+"""Table sweeps: planning, skip-finished execution, aggregation, the paper's layout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from tasks.figures import persistence_diagram
+from tasks.table import aggregate, execute, format_markdown, plan_runs, run_table
+
+
+def test_plan_covers_the_grid_and_names_runs_deterministically(tmp_path):
+    plans = plan_runs("adding", "test", "all", 3, [0.9, 0.99], tmp_path)
+    variants = {variant for variant, _ in plans}
+    assert variants == {"moduli", "none", "l1", "shuffled", "torus", "circle", "sphere", "klein", "torus6",
+                        "torus-fixed", "torus-trained", "r3-fixed", "r3-trained"}
+    assert len({config.out for _, config in plans}) == len(plans)
+    assert all(config.lottery for _, config in plans)
+    trained = [c for v, c in plans if v == "r3-trained"]
+    assert {(c.manifold, c.embedding) for c in trained} == {("r3", "trained")} and len(trained) == 6
+    with pytest.raises(ValueError, match="unknown grid 'control'; expected one of controls, manifolds"):
+        plan_runs("adding", "test", "control", 1, [0.9], tmp_path)
+
+
+def test_aggregate_gives_mean_and_std_in_the_paper_layout(tmp_path):
+    plans = plan_runs("adding", "test", "controls", 2, [0.9], tmp_path)
+    results = []
+    for index, (variant, config) in enumerate(plans):
+        results.append({"dense_metric": 1.0, "sparse_metric": 0.1 * (config.seed + 1), "lottery_metric": 2.0})
+    rows = aggregate(plans, results)
+    sparse = {r["variant"]: r for r in rows if r["kind"] == "sparse"}
+    assert sparse["moduli"]["mean"] == pytest.approx(0.15)
+    assert sparse["moduli"]["std"] == pytest.approx(math.sqrt(0.005))
+    table = format_markdown(rows, "rmse").splitlines()
+    assert table[0] == "| rmse | moduli | none | l1 | shuffled |"
+    assert table[2].startswith("| Dense | 1 (0) |")
+    assert table[3].startswith("| 90% Sparse | 0.15 (0.071) |")
+    assert table[4].startswith("| 90% Lottery | 2 (0) |")
+
+
+def test_execute_skips_finished_runs_and_reruns_missing_ones(tmp_path):
+    plans = plan_runs("adding", "test", "controls", 1, [0.5], tmp_path, steps=6)
+    configs = [config for _, config in plans]
+    finished = tmp_path / "moduli-s0.5-seed0"
+    finished.mkdir(parents=True)
+    (finished / "summary.json").write_text(json.dumps({"dense_metric": 7.0, "sparse_metric": 7.0}))
+    results = execute(configs, jobs=1)
+    assert results[0] == {"dense_metric": 7.0, "sparse_metric": 7.0}  # reused, not retrained
+    for config, result in zip(configs[1:], results[1:]):
+        assert json.loads((tmp_path / config.out.split("/")[-1] / "summary.json").read_text()) == result
+        assert result["sparsity"] == 0.5
+
+
+def test_run_table_writes_markdown_and_csv(tmp_path):
+    args = argparse.Namespace(task="adding", preset="test", grid="controls", seeds=1, sparsities=[0.5], steps=6,
+                              data=None, out=str(tmp_path), jobs=1, backend="local", address=None)
+    assert run_table(args) == 0
+    markdown = (tmp_path / "adding-controls.md").read_text().splitlines()
+    assert markdown[0] == "| rmse | moduli | none | l1 | shuffled |" and len(markdown) == 5
+    csv_lines = (tmp_path / "adding-controls.csv").read_text().splitlines()
+    assert csv_lines[0] == "variant,sparsity,kind,mean,std,seeds,values" and len(csv_lines) == 1 + 4 * 3
+    assert (tmp_path / "adding-controls-sparsity.png").stat().st_size > 1000
+
+
+def test_persistence_of_a_circle_and_two_clusters():
+    angles = torch.linspace(0, 2 * math.pi, 25)[:-1]
+    circle = torch.stack([angles.cos(), angles.sin()], 1)
+    h0, h1 = persistence_diagram(torch.cdist(circle, circle))
+    assert len(h1) == 1 and h1[0, 1] - h1[0, 0] > 1.0
+    assert sum(1 for birth, death in h0 if math.isinf(death)) == 1
+    clusters = torch.cat([torch.zeros(5, 2), torch.full((5, 2), 3.0)]) + 0.01 * torch.arange(10.0)[:, None]
+    h0, _ = persistence_diagram(torch.cdist(clusters, clusters))
+    deaths = sorted(h0[:, 1])
+    assert math.isinf(deaths[-1]) and deaths[-2] == pytest.approx(float(torch.cdist(clusters[4:5], clusters[5:6])), rel=1e-4)
