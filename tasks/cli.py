@@ -64,8 +64,12 @@ def _train(args: argparse.Namespace) -> int:
     except RunConfigError as error:
         print(f"moduli-transform train: error: {error}", file=sys.stderr)
         return 2
+    from moduli_transform.distributed import cleanup_distributed, is_main_process
+
     summary = run(config, progress=not args.no_progress)
-    print(json.dumps(summary, indent=1, sort_keys=True))
+    if is_main_process():  # under torchrun every rank returns the same summary
+        print(json.dumps(summary, indent=1, sort_keys=True))
+    cleanup_distributed()
     return 0
 
 

@@ -76,6 +76,7 @@ def execute(configs: Sequence[RunConfig], backend: str = "local", jobs: int = 1,
             cpus_per_run: float = 1, gpus_per_run: float = 0) -> list[dict | RunFailure]:
     """Run the unfinished configs (local processes or Ray); finished ones are read back."""
     if backend == "ray":
+        configs = [replace(c, threads=c.threads or max(1, int(cpus_per_run))) for c in configs]
         return execute_ray(configs, _run_quietly, address, cpus_per_run, gpus_per_run)
     if backend != "local":
         raise ValueError(f"unknown backend {backend!r}; expected one of local, ray")
