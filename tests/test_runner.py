@@ -160,6 +160,6 @@ def test_train_command_parses_into_a_run_config(tmp_path):
     assert config_from_args(args) == RunConfig(
         task="navigation", preset="test", manifold="sphere", inhibitor="ricker", regularizer="l1",
         embedding="trained", sparsity=0.8, lottery=True, seed=2, out=str(tmp_path), steps=9, resume=True)
-    table = parser.parse_args(["table", "--tasks", "adding", "--seeds", "0", "1", "--sparsities", "0.5", "0.9"])
-    assert table.tasks == ["adding"] and table.seeds == [0, 1] and table.sparsities == [0.5, 0.9]
-    assert callable(table.func)
+    table = parser.parse_args(["table", "adding", "--seeds", "3", "--sparsities", "0.5", "0.9", "--grid", "all"])
+    assert table.task == "adding" and table.seeds == 3 and table.sparsities == [0.5, 0.9]
+    assert table.grid == "all" and table.backend == "local" and callable(table.func)
