@@ -304,3 +304,25 @@ def test_a_handle_whose_model_is_gone_is_released():
     del model, handle
     gc.collect()
     assert reference() is None
+
+
+def test_prune_also_prunes_named_parameters_without_regularizing_them(tiny_rnn):
+    handle = mt.attach(tiny_rnn, sparsity=0.5, total_steps=1, prune_also=["readout.weight"])
+    handle.step()
+    assert "readout.weight" not in handle.regularizers
+    assert {t.name: t.kind for t in handle.targets}["readout.weight"] == "extra"
+    assert int((tiny_rnn.readout.weight == 0).sum()) == 6
+    assert handle.sparsity()["readout.weight"] == 0.5
+
+
+def test_global_scope_prunes_over_all_targets_together():
+    torch.manual_seed(0)
+    model = nn.RNN(3, 8, num_layers=2)
+    with torch.no_grad():
+        model.weight_hh_l1.mul_(100.0)
+    handle = mt.attach(model, sparsity=0.5, total_steps=1, scope="global")
+    handle.step()
+    sparsity = handle.sparsity()
+    assert sparsity["overall"] == 0.5
+    assert sparsity["weight_hh_l0"] == 1.0  # all 64 small weights go before any large one
+    assert sparsity["weight_hh_l1"] == 0.0
