@@ -319,7 +319,8 @@ def test_global_scope_prunes_over_all_targets_together():
     torch.manual_seed(0)
     model = nn.RNN(3, 8, num_layers=2)
     with torch.no_grad():
-        model.weight_hh_l1.mul_(100.0)
+        model.weight_hh_l0.uniform_(-0.1, 0.1)
+        model.weight_hh_l1.uniform_(1.0, 2.0)
     handle = mt.attach(model, sparsity=0.5, total_steps=1, scope="global")
     handle.step()
     sparsity = handle.sparsity()
