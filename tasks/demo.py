@@ -1,6 +1,6 @@
 """`moduli-transform demo`: the README's main job, end to end in a few minutes on 2 cores.
 
-Navigation (grid-cell path integration) at the ``cpu`` preset: torus moduli
+Navigation (grid-cell path integration) at the ``cpu`` preset's sizes, 1200 steps: torus moduli
 regularization pruned to 90% sparsity plus its lottery ticket, with the paper's controls
 (no regularization, L1, shuffled coefficients) trained beside it; then a table, a figure,
 the handle's summary, an export of the pruned model (CSR safetensors + ONNX) and a short
@@ -30,7 +30,8 @@ CONTROLS = ("moduli", "none", "l1", "shuffled")
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="navigation at 90% sparsity with the controls, table, figure, export")
     parser.add_argument("--out", default="runs/demo", help="folder for the runs, table and figure")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the cpu preset)")
+    parser.add_argument("--steps", type=int, default=1200,
+                        help="training steps per run, and as many for the lottery ticket (default: 1200)")
     parser.add_argument("--quick", action="store_true", help="200 steps per run: a smoke test, not a result")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at once (one thread each)")
