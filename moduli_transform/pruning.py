@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .config import SCOPES
 
-__all__ = ["MagnitudeSparsifier", "apply_masks"]
+__all__ = ["MagnitudeSparsifier"]
 
 
 class MagnitudeSparsifier:
@@ -60,10 +60,3 @@ class MagnitudeSparsifier:
             n = masks[k].numel()
             masks[k].copy_(keep[offset:offset + n].view_as(masks[k]))
             offset += n
-
-
-@torch.no_grad()
-def apply_masks(parameters: dict[str, Tensor], masks: dict[str, Tensor]) -> None:
-    """Zero the pruned entries of each parameter in place."""
-    for name, mask in masks.items():
-        parameters[name].masked_fill_(~mask, 0.0)
