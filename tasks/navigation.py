@@ -107,9 +107,13 @@ class PlaceCells:
 
     def activation(self, positions: Tensor) -> Tensor:
         """``(..., 2)`` positions -> ``(..., n)`` codes, each summing to 1."""
-        squared = ((positions[..., None, :] - self.centres) ** 2).sum(-1)
-        centre = torch.softmax(-squared / (2 * self.width ** 2), dim=-1)
-        surround = torch.softmax(-squared / (2 * self.surround_scale * self.width ** 2), dim=-1)
+        # |p - c|^2 = |p|^2 - 2 p.c + |c|^2 as one matrix product: no (..., n, 2) temporary.
+        flat = positions.reshape(-1, 2)
+        squared = torch.addmm((flat * flat).sum(1, keepdim=True), flat, self.centres.T, alpha=-2.0)
+        squared = (squared + (self.centres * self.centres).sum(1)).clamp_min_(0.0)
+        squared = squared.reshape(*positions.shape[:-1], -1)
+        centre = torch.softmax(squared * (-1.0 / (2 * self.width ** 2)), dim=-1)
+        surround = torch.softmax(squared * (-1.0 / (2 * self.surround_scale * self.width ** 2)), dim=-1)
         code = centre - surround
         code = code - code.min(dim=-1, keepdim=True).values
         return code / code.sum(dim=-1, keepdim=True)

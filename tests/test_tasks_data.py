@@ -172,3 +172,15 @@ def test_navigation_paper_preset_has_the_papers_sizes():
     preset = get_task("navigation").presets["paper"]
     assert (preset.place_cells, preset.grid_cells, preset.batch_size, preset.sequence_length) == (512, 4096, 200, 50)
     assert (preset.lr, preset.strength) == (1e-4, 0.1)
+
+
+def test_place_cell_activation_equals_the_direct_formula():
+    from tasks.navigation import PlaceCells, random_walk
+
+    cells = PlaceCells(64, generator=torch.Generator().manual_seed(0))
+    positions = random_walk(4, 7, torch.Generator().manual_seed(1)).positions
+    squared = ((positions[..., None, :] - cells.centres) ** 2).sum(-1)
+    code = (torch.softmax(-squared / (2 * cells.width ** 2), -1)
+            - torch.softmax(-squared / (2 * cells.surround_scale * cells.width ** 2), -1))
+    code = code - code.min(-1, keepdim=True).values
+    assert torch.allclose(cells.activation(positions), code / code.sum(-1, keepdim=True), atol=1e-6)
