@@ -19,16 +19,24 @@ tile mask is mapped back to the original order (:func:`tile_mask`).
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from moduli_transform.ordering import (
+    ORDERINGS,
+    OrderingError,
+    order_neurons,
+    register_ordering,
+)
+from moduli_transform.pruning import tile_norms
+
 __all__ = [
     "ORDERINGS",
     "TileConfigError",
+    "OrderingError",
     "register_ordering",
     "order_neurons",
     "tile_mask",
@@ -38,6 +46,7 @@ __all__ = [
     "permute_rnn",
     "permute_linear_input",
     "tile_prune_rnn",
+    "handle_perms",
     "QualityComparison",
     "tile_vs_unstructured_quality",
 ]
@@ -47,156 +56,10 @@ class TileConfigError(ValueError):
     """Bad ordering name, sparsity, tile size or embedding shape."""
 
 
-# --------------------------------------------------------------------------- orderings
-ORDERINGS: dict[str, Callable[[Tensor], Tensor]] = {}
-
-
-def register_ordering(name: str) -> Callable[[Callable], Callable]:
-    """Decorator adding ``embedding (n, dim) -> permutation (n,)`` to :data:`ORDERINGS`."""
-
-    def add(function: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-        ORDERINGS[name] = function
-        return function
-
-    return add
-
-
-def _hilbert_index(x: Tensor, y: Tensor, order: int) -> Tensor:
-    """Index along a Hilbert curve of a ``2**order`` grid (vectorized xy2d)."""
-    x, y, d = x.clone(), y.clone(), torch.zeros_like(x)
-    side = 1 << order
-    s = side >> 1
-    while s > 0:
-        rx = ((x & s) > 0).long()
-        ry = ((y & s) > 0).long()
-        d += s * s * ((3 * rx) ^ ry)
-        # rotate the quadrant so the curve stays continuous
-        flip = (ry == 0) & (rx == 1)
-        x = torch.where(flip, side - 1 - x, x)
-        y = torch.where(flip, side - 1 - y, y)
-        swap = ry == 0
-        x, y = torch.where(swap, y, x), torch.where(swap, x, y)
-        s >>= 1
-    return d
-
-
-def _quantize(column: Tensor, levels: int) -> Tensor:
-    low, high = column.min(), column.max()
-    scale = (levels - 1) / (high - low).clamp_min(1e-12)
-    return ((column - low) * scale).round().long()
-
-
-@register_ordering("hilbert")
-def hilbert_order(embedding: Tensor) -> Tensor:
-    """Sort 2-D points (e.g. torus angles in ``[0, 10)^2``) along a Hilbert curve.
-
-    Example:
-        >>> grid = torch.tensor([[x, y] for x in range(4) for y in range(4)], dtype=torch.float)
-        >>> order = hilbert_order(grid)
-        >>> steps = (grid[order][1:] - grid[order][:-1]).abs().sum(1)
-        >>> bool((steps == 1).all())   # consecutive neurons are grid neighbours
-        True
-    """
-    if embedding.dim() != 2 or embedding.shape[1] != 2:
-        raise TileConfigError(
-            f"hilbert ordering needs (n, 2) coordinates, got shape {tuple(embedding.shape)}; "
-            "use 'greedy' or 'first_coordinate' for other dimensions"
-        )
-    order = 10
-    x = _quantize(embedding[:, 0], 1 << order)
-    y = _quantize(embedding[:, 1], 1 << order)
-    return torch.argsort(_hilbert_index(x, y, order), stable=True)
-
-
-@register_ordering("angle")
-def angle_order(embedding: Tensor) -> Tensor:
-    """Circle: sort by angle (1 column) or by ``atan2`` of ``(cos, sin)``-like pairs."""
-    if embedding.dim() == 1 or embedding.shape[1] == 1:
-        return torch.argsort(embedding.reshape(-1), stable=True)
-    return torch.argsort(torch.atan2(embedding[:, 1], embedding[:, 0]), stable=True)
-
-
-@register_ordering("first_coordinate")
-def first_coordinate_order(embedding: Tensor) -> Tensor:
-    """Sort by the first coordinate (cheap generic fallback)."""
-    return torch.argsort(embedding.reshape(embedding.shape[0], -1)[:, 0], stable=True)
-
-
-@register_ordering("greedy")
-def greedy_order(embedding: Tensor, distance: Callable[[Tensor, Tensor], Tensor] | None = None
-                 ) -> Tensor:
-    """Nearest-neighbour chain: start at neuron 0, always step to the closest unvisited one.
-
-    ``distance`` is a manifold's ``(n, d), (m, d) -> (n, m)`` distance (Euclidean if None).
-    """
-    points = embedding.reshape(embedding.shape[0], -1).double()
-    table = distance(points, points) if distance is not None else torch.cdist(points, points)
-    table = table.clone()
-    count = points.shape[0]
-    order = torch.empty(count, dtype=torch.long)
-    current = 0
-    table[:, current] = math.inf
-    for position in range(count):
-        order[position] = current
-        nxt = int(torch.argmin(table[current]))
-        table[:, nxt] = math.inf
-        current = nxt
-    return order
-
-
-@register_ordering("identity")
-def identity_order(embedding: Tensor) -> Tensor:
-    """Keep the current numbering."""
-    return torch.arange(embedding.shape[0])
-
-
-_MANIFOLD_ORDERING = {"circle": "angle", "torus": "hilbert"}
-
-
-def order_neurons(embedding: Tensor, method: str = "auto", manifold: object = None) -> Tensor:
-    """Permutation that puts neurons close on the manifold at close indices.
-
-    Args:
-        embedding: ``(n, dim)`` neuron coordinates.
-        method: a name in :data:`ORDERINGS` or ``"auto"``: angle for 1 coordinate or a
-            circle, Hilbert for 2 coordinates (torus), else the greedy chain (with the
-            manifold's distance when ``manifold`` has one).
-        manifold: optional manifold name or object with ``name`` / ``distance``.
-
-    Returns:
-        ``perm`` with ``perm[i]`` = original index of the neuron stored at position ``i``.
-    """
-    name = manifold if isinstance(manifold, str) else getattr(manifold, "name", None)
-    if method == "auto":
-        if name in _MANIFOLD_ORDERING:
-            method = _MANIFOLD_ORDERING[name]
-        elif embedding.dim() == 1 or embedding.shape[1] == 1:
-            method = "angle"
-        elif embedding.shape[1] == 2 and name is None:
-            method = "hilbert"
-        else:
-            method = "greedy"
-    if method not in ORDERINGS:
-        raise TileConfigError(
-            f"unknown ordering {method!r}; expected 'auto' or one of {', '.join(ORDERINGS)}"
-        )
-    if method == "greedy" and hasattr(manifold, "distance"):
-        return greedy_order(embedding, manifold.distance)
-    return ORDERINGS[method](embedding.detach().float())
-
-
 # --------------------------------------------------------------------------- tile masks
 def _check_sparsity(sparsity: float) -> None:
     if not 0.0 <= sparsity <= 1.0:
         raise TileConfigError(f"sparsity must be in [0, 1], got {sparsity}")
-
-
-def _tile_scores(weight: Tensor, tile: int) -> Tensor:
-    rows, cols = weight.shape
-    padded = torch.zeros(math.ceil(rows / tile) * tile, math.ceil(cols / tile) * tile)
-    padded[:rows, :cols] = weight.detach().float() ** 2
-    grid = padded.view(padded.shape[0] // tile, tile, padded.shape[1] // tile, tile)
-    return grid.sum((1, 3)).sqrt()
 
 
 def tile_prune(weight: Tensor, sparsity: float, tile: int = 16) -> Tensor:
@@ -214,7 +77,7 @@ def tile_prune(weight: Tensor, sparsity: float, tile: int = 16) -> Tensor:
     _check_sparsity(sparsity)
     if tile < 1:
         raise TileConfigError(f"tile must be a positive integer, got {tile}")
-    scores = _tile_scores(weight, tile)
+    scores = tile_norms(weight, tile)
     keep = round((1.0 - sparsity) * scores.numel())
     kept = torch.zeros(scores.numel(), dtype=torch.bool)
     if keep > 0:
@@ -226,7 +89,7 @@ def tile_prune(weight: Tensor, sparsity: float, tile: int = 16) -> Tensor:
 
 def tile_sparsity(mask: Tensor, tile: int = 16) -> float:
     """Fraction of ``tile x tile`` tiles of ``mask`` that are entirely False."""
-    return float((_tile_scores(mask.float(), tile) == 0).float().mean())
+    return float((tile_norms(mask.float(), tile) == 0).float().mean())
 
 
 def _gate_rows(perm: Tensor, gates: int) -> Tensor:
@@ -312,6 +175,26 @@ def permute_linear_input(linear: nn.Linear, perm: Tensor) -> nn.Linear:
 def permute_state(state: Tensor, perms: Sequence[Tensor | None]) -> Tensor:
     """Initial state ``(layers, batch, H)`` in the permuted order."""
     return torch.stack([s if p is None else s[..., p] for s, p in zip(state, perms)])
+
+
+def handle_perms(handle: object, module: nn.RNNBase, prefix: str = "") -> list[Tensor]:
+    """Per-layer neuron order of an RNN module that ``handle`` tile-pruned during training.
+
+    ``handle`` was attached with ``granularity="tile"``; ``prefix`` is the module's name in
+    the model (``""`` when the module is the model). Feed the result to
+    :func:`permute_rnn` so that each ``W_hh`` becomes block-sparse in place.
+    """
+    orders = getattr(handle, "neuron_orders", {})
+    perms = []
+    for layer in range(module.num_layers):
+        name = f"{prefix}.weight_hh_l{layer}" if prefix else f"weight_hh_l{layer}"
+        if name not in orders:
+            raise TileConfigError(
+                f"handle has no tile order for {name!r} (tile orders: {sorted(orders) or 'none'}); "
+                "attach with granularity='tile'"
+            )
+        perms.append(orders[name][1])
+    return perms
 
 
 def tile_prune_rnn(module: nn.RNNBase, sparsity: float,

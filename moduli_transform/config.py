@@ -6,11 +6,12 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Sequence, Union
 
-__all__ = ["ModuliConfig", "CONTROLS", "EMBEDDINGS", "SCOPES", "REDUCTIONS", "REINITS"]
+__all__ = ["ModuliConfig", "CONTROLS", "EMBEDDINGS", "SCOPES", "GRANULARITIES", "REDUCTIONS", "REINITS"]
 
 CONTROLS = ("moduli", "l1", "shuffled", "none")
 EMBEDDINGS = ("fixed", "trained")
 SCOPES = ("per_tensor", "global")
+GRANULARITIES = ("element", "tile")
 REDUCTIONS = ("mean", "sum")
 REINITS = ("random", "rewind")
 
@@ -55,6 +56,9 @@ class ModuliConfig:
     share_embedding: bool = True
     l1_match_mean: bool = True
     scope: str = "per_tensor"
+    granularity: str = "element"
+    tile: int = 16
+    ordering: str = "auto"
     prune_also: tuple[str, ...] = ()
     embedding_lr: float = 1e-2
     manifold_options: dict = field(default_factory=dict)
@@ -66,6 +70,9 @@ class ModuliConfig:
         _choice("control", self.control, CONTROLS)
         _choice("reduction", self.reduction, REDUCTIONS)
         _choice("scope", self.scope, SCOPES)
+        _choice("granularity", self.granularity, GRANULARITIES)
+        if int(self.tile) < 1:
+            raise ValueError(f"tile must be a positive integer, got {self.tile!r}")
         if self.power not in (1, 2):
             raise ValueError(f"power must be 1 or 2, got {self.power!r}")
         if self.sparsity is not None and not 0.0 <= float(self.sparsity) < 1.0:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .config import REINITS, ModuliConfig
 from .hooks import HookSet, current_backward_id
+from .ordering import order_neurons
 from .pruning import MagnitudeSparsifier
 from .regularizer import ModuliRegularizer
 from .schedules import get_schedule
@@ -51,7 +52,9 @@ class ModuliHandle:
                 self.masks.setdefault(target.name, torch.ones_like(param, dtype=torch.bool))
         self.schedule: Callable[[int], float] = get_schedule(
             config.schedule, config.sparsity or 0.0, config.total_steps)
-        self.sparsifier = MagnitudeSparsifier(config.scope)
+        self.sparsifier = MagnitudeSparsifier(config.scope, config.granularity, config.tile)
+        self.neuron_orders: dict[str, tuple[Tensor, Tensor]] = (
+            self._neuron_orders() if config.granularity == "tile" and self.masks else {})
         self.step_count = 0
         self.frozen = False
         self._pending_steps = 0
@@ -66,6 +69,31 @@ class ModuliHandle:
     def _make_embedding_optimizer(self) -> torch.optim.Optimizer | None:
         tensors = [t for reg in self.regularizers.values() if reg.trained for t in reg.embedding_tensors()]
         return torch.optim.Adam(tensors, lr=self.config.embedding_lr) if tensors else None
+
+    def _neuron_orders(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per prunable target, (row, column) renumbering of its block along the manifold.
+
+        Computed once, from the embeddings at attach time, so the tiles stay the same tiles
+        while trained embeddings move. Rows are renumbered inside each gate block.
+        """
+        orders = {}
+        for target in self._prunable:
+            shape = target.block(self._parameters[target.name]).shape
+            if len(shape) != 2:
+                raise ValueError(f"granularity='tile' needs 2-D weight blocks; target {target.name!r} "
+                                 f"has block shape {tuple(shape)}; use granularity='element'")
+            regularizer = self.regularizers.get(target.name)
+            if regularizer is None:
+                rows, cols = torch.arange(shape[0] // target.gates), torch.arange(shape[1])
+            else:
+                rows = order_neurons(regularizer.row_embedding.detach().cpu(), self.config.ordering,
+                                     regularizer.manifold)
+                cols = rows if regularizer.shared else order_neurons(
+                    regularizer.col_embedding.detach().cpu(), self.config.ordering, regularizer.manifold)
+            per_gate = rows.numel()
+            rows = torch.cat([gate * per_gate + rows for gate in range(target.gates)])
+            orders[target.name] = (rows, cols)
+        return orders
 
     def _install_hooks(self) -> None:
         hooked = set(self.masks) | (set(self.regularizers) if self.config.auto else set())
@@ -169,7 +197,7 @@ class ModuliHandle:
             raise ValueError(f"schedule returned sparsity {sparsity} at step {self.step_count}; expected [0, 1)")
         blocks = {t.name: t.block(self._parameters[t.name]) for t in self._prunable}
         block_masks = {t.name: t.block(self.masks[t.name]) for t in self._prunable}
-        self.sparsifier.update_masks(blocks, block_masks, sparsity)
+        self.sparsifier.update_masks(blocks, block_masks, sparsity, self.neuron_orders)
 
     @torch.no_grad()
     def apply_masks(self) -> None:
@@ -232,6 +260,7 @@ class ModuliHandle:
                            for name, reg in self.regularizers.items()},
             "embedding_optimizer": (self._embedding_optimizer.state_dict()
                                     if self._embedding_optimizer is not None else None),
+            "neuron_orders": {name: [rows.clone(), cols.clone()] for name, (rows, cols) in self.neuron_orders.items()},
         }
 
     @torch.no_grad()
@@ -249,6 +278,10 @@ class ModuliHandle:
             for own, saved in zip(self.regularizers[name].embedding_tensors(), tensors):
                 own.copy_(saved)
             self.regularizers[name].invalidate()
+        for name, (rows, cols) in state.get("neuron_orders", {}).items():
+            if name not in self.neuron_orders:
+                raise ValueError(f"neuron order for {name!r}, but this handle tiles {sorted(self.neuron_orders)}")
+            self.neuron_orders[name] = (rows.clone().long(), cols.clone().long())
         self.step_count = int(state["step_count"])
         if bool(state["frozen"]) and not self.frozen:
             self.frozen = True

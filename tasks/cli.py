@@ -15,7 +15,7 @@ import json
 import sys
 
 from . import TASKS
-from .runner import EMBEDDINGS, REGULARIZERS, RunConfig, RunConfigError, run
+from .runner import EMBEDDINGS, GRANULARITIES, REGULARIZERS, RunConfig, RunConfigError, run
 
 __all__ = ["register_train", "register_table", "config_from_args"]
 
@@ -46,6 +46,8 @@ def register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--regularizer", default="moduli", choices=REGULARIZERS)
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--granularity", default="element", choices=GRANULARITIES,
+                        help="prune single weights or whole 16x16 tiles in the manifold order")
     parser.add_argument("--out", default=None, help="run directory (default: runs/<task>-<preset>-...)")
     parser.set_defaults(func=_train)
 
@@ -55,7 +57,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      regularizer=args.regularizer, embedding=args.embedding, sparsity=args.sparsity,
                      lottery=args.lottery, seed=args.seed, out=args.out, strength=args.strength, steps=args.steps,
                      resume=args.resume, data=args.data, checkpoint_every=args.checkpoint_every,
-                     threads=args.threads)
+                     threads=args.threads, granularity=getattr(args, "granularity", "element"))
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -80,7 +82,7 @@ def register_table(subparsers: argparse._SubParsersAction) -> None:
                                                "and figures.")
     parser.add_argument("task", choices=sorted(TASKS))
     parser.add_argument("--preset", default="cpu", help="test | cpu | paper (default: cpu)")
-    parser.add_argument("--grid", default="controls", choices=("controls", "manifolds", "embeddings", "all"))
+    parser.add_argument("--grid", default="controls", choices=("controls", "manifolds", "embeddings", "tiles", "all"))
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds per cell (default: 3)")
     parser.add_argument("--sparsities", nargs="+", type=float, default=None,
                         help="default: the paper's levels for the task plus 0.99")

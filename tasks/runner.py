@@ -49,6 +49,7 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from moduli_transform.config import GRANULARITIES
 from moduli_transform.distributed import (barrier, init_distributed_from_env, is_main_process, shard_batch,
                                           sync_handle)
 
@@ -108,12 +109,14 @@ class RunConfig:
     data: str | None = None
     checkpoint_every: int | None = None
     threads: int | None = None
+    granularity: str = "element"
 
     def __post_init__(self) -> None:
         _choice("task", self.task, sorted(TASKS))
         _choice(f"preset for task {self.task!r}", self.preset, list(TASKS[self.task].presets))
         _choice("regularizer", self.regularizer, REGULARIZERS)
         _choice("embedding", self.embedding, EMBEDDINGS)
+        _choice("granularity", self.granularity, GRANULARITIES)
         if not isinstance(self.manifold, str) or not isinstance(self.inhibitor, str):
             raise RunConfigError("manifold and inhibitor must be registry names (str) so runs are recorded in JSON")
         if not 0.0 <= float(self.sparsity) < 1.0:
@@ -273,7 +276,7 @@ class _Run:
             self.model, manifold=config.manifold, inhibitor=config.inhibitor, strength=self.preset.strength,
             embedding=config.embedding, control=config.regularizer, sparsity=config.sparsity,
             schedule=LinearRamp(config.sparsity, self.phases.dense, self.phases.prune),
-            total_steps=self.phases.prune, seed=config.seed)
+            total_steps=self.phases.prune, seed=config.seed, granularity=config.granularity)
         self.optimizer = self.task.make_optimizer(self.model)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.progress = _Progress()

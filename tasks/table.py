@@ -39,7 +39,10 @@ GRIDS: dict[str, dict[str, dict[str, str]]] = {
     "manifolds": {name: {"manifold": name} for name in ("torus", "circle", "sphere", "klein", "torus6")},
     "embeddings": {f"{manifold}-{embedding}": {"manifold": manifold, "embedding": embedding}
                    for manifold in ("torus", "r3") for embedding in ("fixed", "trained")},
+    # Not a paper table (so not in "all"): gradual 16x16 tile pruning (torus order) against unstructured pruning.
+    "tiles": {"moduli": {}, "moduli-tiles": {"granularity": "tile"}},
 }
+PAPER_GRIDS = ("controls", "manifolds", "embeddings")
 
 
 def plan_runs(task: str, preset: str, grid: str, seeds: int, sparsities: Sequence[float], out: str | Path,
@@ -51,7 +54,7 @@ def plan_runs(task: str, preset: str, grid: str, seeds: int, sparsities: Sequenc
         >>> len(plans), plans[0][0], plans[0][1].out
         (8, 'moduli', 'runs/t/moduli-s0.9-seed0')
     """
-    grids = GRIDS if grid == "all" else {grid: GRIDS[grid]} if grid in GRIDS else None
+    grids = {name: GRIDS[name] for name in PAPER_GRIDS} if grid == "all" else {grid: GRIDS[grid]} if grid in GRIDS else None
     if grids is None:
         raise ValueError(f"unknown grid {grid!r}; expected one of {', '.join([*GRIDS, 'all'])}")
     plans = []

@@ -12,6 +12,7 @@ from export.sparse_runtime import SparseRNN
 from export.tiles import (
     ORDERINGS,
     QualityComparison,
+    OrderingError,
     TileConfigError,
     order_neurons,
     permute_linear_input,
@@ -49,7 +50,7 @@ def test_angle_order_on_circle():
 
 
 def test_unknown_ordering_lists_choices():
-    with pytest.raises(TileConfigError, match="hilbert"):
+    with pytest.raises(OrderingError, match="hilbert"):
         order_neurons(torch.rand(4, 2), "zorder")
 
 
