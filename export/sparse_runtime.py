@@ -10,7 +10,8 @@ a sparse kernel, and gives the same outputs as the module (to float32 rounding):
   ``torch.addmv`` (batch 1) or ``torch.addmm`` with the sparse matrix on the left and the
   dense state on the right, the only layout PyTorch's sparse CPU kernels are fast in
   (``F.linear(x, W_csr)`` is 4-7x slower);
-* kernels (``dense``, ``csr``, ``bsr``, ``gather``) sit in a registry; ``kernel="auto"``
+* kernels (``dense``, ``csr``, ``bsr``, ``gather``, ``tiles``: our compiled block kernel,
+  which also runs a whole Elman sequence in one call) sit in a registry; ``kernel="auto"``
   times the ones that apply on the actual matrix and batch size and keeps the fastest.
 
 Hidden units may be stored in a different order than the module's (the geometric order of
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from . import numba_kernels
 
 __all__ = [
     "GATES",
@@ -207,6 +210,46 @@ class GatherKernel(RecurrentKernel):
         return 4 * blocks * self.tile**2 + 16 * blocks + _vector_bytes(self.shape[1], batch)
 
 
+@register_kernel("tiles")
+class TileKernel(RecurrentKernel):
+    """Our compiled block-sparse kernel (:mod:`export.numba_kernels`): whole tiles, no
+    per-weight indices, and for Elman layers the whole sequence in one call."""
+
+    def __init__(self, weight: Tensor, tile: int = 16) -> None:
+        super().__init__(weight)
+        with _quiet_beta():
+            bsr = weight.detach().float().to_sparse_bsr((tile, tile))
+        self.ptr = bsr.crow_indices().to(torch.int32).numpy()
+        self.cols = bsr.col_indices().to(torch.int32).numpy()
+        self.tiles_t = bsr.values().transpose(1, 2).contiguous().numpy()
+        self.tile = tile
+
+    @classmethod
+    def applies(cls, weight: Tensor, tile: int) -> bool:
+        return numba_kernels.AVAILABLE and _tile_divisible(weight, tile)
+
+    def __call__(self, u: Tensor, h: Tensor) -> Tensor:
+        numba_kernels.set_threads(torch.get_num_threads())
+        batch = h.shape[1]
+        u = u.expand(self.shape[0], batch).contiguous()
+        out = torch.empty(self.shape[0], batch)
+        numba_kernels.bsr_addmm(self.ptr, self.cols, self.tiles_t, u.numpy(), h.contiguous().numpy(), out.numpy())
+        return out
+
+    def run_elman(self, projected: Tensor, h: Tensor, activation: str) -> Tensor:
+        """All steps of an Elman layer: ``projected`` (T, hidden, batch) -> outputs, same shape."""
+        numba_kernels.set_threads(torch.get_num_threads())
+        outputs = torch.empty_like(projected)
+        numba_kernels.bsr_elman(self.ptr, self.cols, self.tiles_t, projected.contiguous().numpy(),
+                                h.contiguous().numpy(), outputs.numpy(), activation)
+        return outputs
+
+    def nbytes(self, batch: int) -> int:
+        blocks = self.tiles_t.shape[0]
+        return (4 * blocks * self.tile**2 + 4 * blocks + 4 * (self.shape[0] // self.tile + 1)
+                + _vector_bytes(self.shape[1], batch))
+
+
 def _median_time(function: Callable[[], object], repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -361,6 +404,8 @@ def _step_lstm(kernel, u, rec_bias, h, c):
     return ifo[1] * torch.tanh(c), c
 
 
+_FUSED_ELMAN = {"RNN_TANH": "tanh", "RNN_RELU": "relu"}
+
 _STEPS = {
     "RNN_TANH": _step_elman(torch.tanh),
     "RNN_RELU": _step_elman(torch.relu),
@@ -379,7 +424,7 @@ class SparseRNN:
         batch_first: inputs and outputs are ``(batch, time, features)``.
         perms: per layer, ``perms[l][i]`` = original index of stored unit ``i``
             (:func:`export.tiles.permute_rnn` produces such layers); ``None`` = identity.
-        tile: tile size for the ``bsr`` / ``gather`` kernels.
+        tile: tile size for the ``bsr`` / ``gather`` / ``tiles`` kernels.
         candidates: kernels tried by ``"auto"``.
 
     Example (outputs equal the module's):
@@ -393,7 +438,7 @@ class SparseRNN:
 
     def __init__(self, layers: Sequence[RecurrentLayer], kernel: str = "auto",
                  batch_first: bool = False, perms: Sequence[Tensor | None] | None = None,
-                 tile: int = 16, candidates: Sequence[str] = ("dense", "csr", "bsr", "gather")):
+                 tile: int = 16, candidates: Sequence[str] = ("dense", "csr", "bsr", "gather", "tiles")):
         if kernel != "auto" and kernel not in KERNELS:
             raise RuntimeConfigError(
                 f"unknown kernel {kernel!r}; expected 'auto' or one of {', '.join(KERNELS)}"
@@ -468,6 +513,9 @@ class SparseRNN:
                                 layer.weight_ih.t())
         projected = projected.view(steps, batch, -1).transpose(1, 2).contiguous()
         kernel, step = self.kernel(index, batch), _STEPS[layer.mode]
+        if layer.mode in _FUSED_ELMAN and steps > 0 and hasattr(kernel, "run_elman"):
+            outputs = kernel.run_elman(projected, h, _FUSED_ELMAN[layer.mode])
+            return outputs.transpose(1, 2), outputs[-1], c
         rec_bias = self._recurrent_bias[index]
         outputs = torch.empty(steps, layer.hidden_size, batch)
         for t in range(steps):

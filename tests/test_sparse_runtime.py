@@ -110,3 +110,39 @@ def test_bench_worker_process_prints_json():
         capture_output=True, text=True, cwd=root, check=True)
     [row] = json.loads(done.stdout.strip().splitlines()[-1])
     assert row["library"] == "ours" and row["kernel"] in KERNELS
+
+
+@pytest.mark.parametrize("cell,options", CELLS)
+@pytest.mark.parametrize("keep", [0.25, 0.0])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_compiled_tile_kernel_on_tile_pruned_and_empty_matrices(cell, options, keep, batch):
+    pytest.importorskip("numba")
+    from export.tiles import tile_prune
+
+    torch.manual_seed(1)
+    module = cell(6, 64, num_layers=2, **options)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if name.startswith("weight_hh"):
+                parameter.mul_(tile_prune(parameter, 1.0 - keep, 16))
+    x = torch.randn(9, batch, 6)
+    h0 = torch.randn(2, batch, 64)
+    state = (h0, torch.randn(2, batch, 64)) if cell is nn.LSTM else h0
+    expected = module(x, state)
+    runtime = SparseRNN.from_module(module, kernel="tiles")
+    actual = runtime(x, state)
+    assert runtime.kernel(0, batch).tiles_t.shape[0] == round(keep * 16 * (4 if cell is nn.LSTM else 3 if cell is nn.GRU else 1))
+    assert _max_error(actual[0], expected[0]) <= ATOL
+    assert _max_error(actual[1], expected[1]) <= ATOL
+
+
+def test_compiled_elman_rejects_unknown_activation():
+    pytest.importorskip("numba")
+    import numpy as np
+
+    from export.numba_kernels import bsr_elman
+
+    empty = np.zeros(3, np.int32)
+    with pytest.raises(ValueError, match="'gelu'; expected one of identity, tanh, relu"):
+        bsr_elman(empty, empty[:0], np.zeros((0, 16, 16), np.float32), np.zeros((1, 32, 1), np.float32),
+                  np.zeros((32, 1), np.float32), np.zeros((1, 32, 1), np.float32), "gelu")
