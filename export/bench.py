@@ -227,7 +227,7 @@ def _runner(library: str, config: BenchConfig, threads: int):
         kernel = {"dense_loop": "dense", "torch_csr": "csr"}.get(library, "auto")
         # block kernels only for tile patterns: on a random pattern every tile is occupied
         tiled = library == "ours_tiled" or config.pattern == "tiles"
-        candidates = ("csr", "bsr", "gather") if tiled else ("dense", "csr")
+        candidates = ("csr", "bsr", "gather", "tiles") if tiled else ("dense", "csr")
         runtime = SparseRNN(layers_from_module(module), kernel=kernel, perms=perms,
                             tile=TILE, candidates=candidates)
         runtime.nbytes_per_step(config.batch)
