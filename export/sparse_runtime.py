@@ -259,18 +259,33 @@ def _median_time(function: Callable[[], object], repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _elman_sequence(kernel: RecurrentKernel, projected: Tensor, h: Tensor) -> Tensor:
+    """What one Elman layer costs with ``kernel``: fused when it can, else a step loop."""
+    if hasattr(kernel, "run_elman"):
+        return kernel.run_elman(projected, h, "tanh")
+    for t in range(projected.shape[0]):
+        h = torch.tanh(kernel(projected[t], h))
+    return h
+
+
 def choose_kernel(weight: Tensor, batch: int, candidates: Sequence[str], tile: int = 16,
-                  repeats: int = 15) -> RecurrentKernel:
-    """Build every applicable candidate kernel for ``weight`` and return the fastest."""
+                  repeats: int = 15, elman: bool = False) -> RecurrentKernel:
+    """Build every applicable candidate kernel for ``weight`` and return the fastest.
+
+    With ``elman=True`` candidates are timed on a short Elman sequence, the way the runtime
+    will use them (a kernel with a fused sequence loop is timed fused).
+    """
     h = torch.randn(weight.shape[1], batch)
     u = torch.randn(weight.shape[0], batch)
+    projected = torch.randn(8, weight.shape[0], batch)
     best, best_time = None, float("inf")
     for name in candidates:
         if not KERNELS[name].applies(weight, tile):
             continue
         kernel = KERNELS[name](weight, tile)
-        kernel(u, h)
-        elapsed = _median_time(lambda: kernel(u, h), repeats)
+        work = (lambda: _elman_sequence(kernel, projected, h)) if elman else (lambda: kernel(u, h))
+        work()
+        elapsed = _median_time(work, repeats)
         if elapsed < best_time:
             best, best_time = kernel, elapsed
     return best
@@ -481,7 +496,8 @@ class SparseRNN:
         if key not in self._kernels:
             weight = self.layers[index].weight_hh
             if auto:
-                self._kernels[key] = choose_kernel(weight, batch, self.candidates, self.tile)
+                self._kernels[key] = choose_kernel(weight, batch, self.candidates, self.tile,
+                                                   elman=self.layers[index].mode in _FUSED_ELMAN)
             else:
                 self._kernels[key] = KERNELS[self.kernel_name](weight, self.tile)
         return self._kernels[key]
