@@ -3,6 +3,8 @@
 Trains one dense, moduli-regularized model (torus embedding, no pruning), then prunes its
 recurrent matrix one-shot (no fine-tuning) two ways: unstructured magnitude pruning and
 16x16 tile pruning in the torus order of the neurons; reports the task metric of both.
+Gradual tile pruning during training is compared by
+``moduli-transform table adding --grid tiles`` (see docs/BENCHMARKS.md).
 
     python benchmarks/tile_quality.py --task adding --preset cpu --sparsities 0.5 0.75 0.9
 """
