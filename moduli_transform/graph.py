@@ -231,10 +231,11 @@ def _matmul_pair(node, flow, left, right):
     only seed the reachability, e.g. a learnable initial state times W_hh)."""
     uses = []
     if flow.is_weight(right):
-        uses.append(_Use(node, right, left, -1, 0, None, label="h @ W, parameter as (in, out)"))
+        uses.append(_Use(node, right, left, -1, 0, -1, label="h @ W, parameter as (in, out)"))
     if flow.is_weight(left):
         data_dim = -2 if len(_shape(right)) >= 2 else 0
-        uses.append(_Use(node, left, right, data_dim, 1, None, label="W @ h, parameter as (out, in)"))
+        out_dim = -2 if len(_shape(right)) >= 2 else -1
+        uses.append(_Use(node, left, right, data_dim, 1, out_dim, label="W @ h, parameter as (out, in)"))
     return uses
 
 
@@ -420,8 +421,12 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 _SPLITS = {aten.chunk.default, aten.unsafe_chunk.default, aten.split.Tensor,
            aten.unsafe_split.Tensor, aten.split_with_sizes.default,
            aten.unsafe_split_with_sizes.default}
+# Ops between a weight's output and the chunk/split into gates that keep the gate layout
+# (the shape is checked too): bias adds, sums of the input and recurrent parts, and the
+# gate nonlinearity when it is applied before the split.
 _GATE_PASS = {aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.clone.default,
-              aten.contiguous.default}
+              aten.contiguous.default, aten.sigmoid.default, aten.tanh.default, aten.relu.default,
+              aten.hardsigmoid.default, aten.mul.Tensor, aten.addmm.default}
 
 
 def _split_count(node: fx.Node, dim: int, size: int) -> int:
@@ -492,6 +497,12 @@ class _Finding:
                           regularize=False, evidence=(
                               f"used at {self.steps} steps ({label}); the state it scales reads the "
                               "output of an earlier use with no weight matrix in between"))
+        if self.full and (len(self.shape) < 2 or min(self.shape) == 1):
+            # e.g. weight_norm's magnitude g: a per-neuron scale has no (i, j) structure
+            return Target(name=self.name, shape=self.shape, kind="elementwise", module=module,
+                          regularize=False, evidence=(
+                              f"used at {self.steps} steps ({label}); a per-neuron scale of a derived "
+                              "recurrent weight, no off-diagonal structure"))
         selection = self.selection()
         gates = self.gates if self.gates > 1 and self.shape[0] % self.gates == 0 else 1
         rows, cols = (selection, slice(None)) if self.in_dim == 0 else (slice(None), selection)

@@ -428,6 +428,80 @@ class DataDependentRNN(nn.Module):
         return h
 
 
+# ------------------------------------------------------------------ styles of well-known repos
+
+
+class WeightDropLSTM(nn.Module):
+    """AWD-LSTM style: W_hh lives as ``weight_hh_l0_raw``; each forward drops out a copy
+    and sets it back on the LSTM as a plain tensor (the optimizer updates the raw one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(I, H, batch_first=True)
+        raw = self.rnn.weight_hh_l0
+        del self.rnn._parameters["weight_hh_l0"]
+        self.rnn.register_parameter("weight_hh_l0_raw", nn.Parameter(raw.data))
+        self.decoder = nn.Linear(H, O)
+
+    def forward(self, x):
+        setattr(self.rnn, "weight_hh_l0", F.dropout(self.rnn.weight_hh_l0_raw, 0.3, self.training))
+        return self.decoder(self.rnn(x)[0])
+
+
+class HandWrittenGRU(nn.Module):
+    """GRU written out: z and r from one Linear on cat([x, h]) (nonlinearity before the
+    split), the candidate from a second Linear on cat([x, r * h])."""
+
+    def __init__(self):
+        super().__init__()
+        self.gates = nn.Linear(I + H, 2 * H)
+        self.candidate = nn.Linear(I + H, H)
+        self.out = nn.Linear(H, O)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], H)
+        for t in range(x.shape[1]):
+            z, r = torch.sigmoid(self.gates(torch.cat([x[:, t], h], 1))).chunk(2, 1)
+            n = torch.tanh(self.candidate(torch.cat([x[:, t], r * h], 1)))
+            h = (1 - z) * n + z * h
+        return self.out(h)
+
+
+class ScriptStyleLSTM(nn.Module):
+    """pytorch/benchmarks fastrnns style: raw parameters, ``addmm`` + ``mm`` then chunk."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight_ih = nn.Parameter(torch.randn(4 * H, I) * 0.3)
+        self.weight_hh = nn.Parameter(torch.randn(4 * H, H) * 0.3)
+        self.bias = nn.Parameter(torch.zeros(4 * H))
+
+    def forward(self, x):
+        h = c = x.new_zeros(x.shape[0], H)
+        for t in range(x.shape[1]):
+            gates = torch.addmm(self.bias, x[:, t], self.weight_ih.t()) + torch.mm(h, self.weight_hh.t())
+            i, f, g, o = gates.chunk(4, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+        return h
+
+
+class WeightNormRNN(nn.Module):
+    """Recurrent Linear under ``parametrizations.weight_norm``: v is the matrix; g is a
+    per-neuron scale (elementwise, not regularized)."""
+
+    def __init__(self):
+        super().__init__()
+        self.i2h = nn.Linear(I, H)
+        self.h2h = nn.utils.parametrizations.weight_norm(nn.Linear(H, H))
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], H)
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.i2h(x[:, t]) + self.h2h(h))
+        return h
+
+
 @dataclass
 class ZooCase:
     """One model style with its example inputs and the targets the pass must find."""
@@ -495,4 +569,14 @@ ZOO = [
     ZooCase("transformer_encoder", TinyTransformer, lambda: (sequence(),), set()),
     ZooCase("step_method", StepModel, lambda: (sequence(),),
             {("h2h.weight", "recurrent", ALL, ALL, 1)}, method="rollout"),
+    ZooCase("awd_weight_drop", WeightDropLSTM, lambda: (sequence(),),
+            {("rnn.weight_hh_l0_raw", "recurrent", ALL, ALL, 4)}),
+    ZooCase("hand_written_gru", HandWrittenGRU, lambda: (sequence(),),
+            {("gates.weight", "recurrent", ALL, (I, I + H), 2),
+             ("candidate.weight", "recurrent", ALL, (I, I + H), 1)}),
+    ZooCase("script_style_lstm", ScriptStyleLSTM, lambda: (sequence(),),
+            {("weight_hh", "recurrent", ALL, ALL, 4)}),
+    ZooCase("weight_norm", WeightNormRNN, lambda: (sequence(),),
+            {("h2h.parametrizations.weight.original0", "elementwise", ALL, ALL, 1),
+             ("h2h.parametrizations.weight.original1", "recurrent", ALL, ALL, 1)}),
 ]
