@@ -502,6 +502,65 @@ class WeightNormRNN(nn.Module):
         return h
 
 
+class GridCellRNN(nn.Module):
+    """Sorscher et al. style: velocities in, initial state encoded from the start place-cell
+    code, bias-free ReLU nn.RNN, linear decoder to place cells."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(O, H, bias=False)
+        self.rnn = nn.RNN(2, H, nonlinearity="relu", bias=False, batch_first=True)
+        self.decoder = nn.Linear(H, O, bias=False)
+
+    def forward(self, velocity, start_code):
+        return self.decoder(self.rnn(velocity, self.encoder(start_code)[None])[0])
+
+
+class AttentionSeq2Seq(nn.Module):
+    """Encoder GRU + GRUCell decoder with Bahdanau-style attention, fed its own argmax.
+
+    By the pass's rule (a use that reads the output of an earlier use of the same weight)
+    the decoder's W_hh, the context columns of its W_ih and the attention matrix applied to
+    the decoder state are all in the loop; the token-embedding columns are not (argmax
+    breaks the dataflow)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(11, I)
+        self.encoder = nn.GRU(I, H, batch_first=True)
+        self.decoder = nn.GRUCell(I + H, H)
+        self.attention = nn.Linear(H, H, bias=False)
+        self.out = nn.Linear(H, 11)
+
+    def forward(self, source):
+        memory, h = self.encoder(self.embedding(source))
+        h, token, outputs = h[0], source[:, 0], []
+        for _ in range(T):
+            scores = torch.bmm(memory, self.attention(h).unsqueeze(2)).squeeze(2)
+            context = (F.softmax(scores, 1).unsqueeze(2) * memory).sum(1)
+            h = self.decoder(torch.cat([self.embedding(token), context], 1), h)
+            outputs.append(self.out(h))
+            token = outputs[-1].argmax(1)
+        return torch.stack(outputs, 1)
+
+
+class QuasiRNN(nn.Module):
+    """QRNN style: gates from the inputs only, elementwise recurrence c = f c + (1 - f) z."""
+
+    def __init__(self):
+        super().__init__()
+        self.gates = nn.Linear(I, 3 * H)
+
+    def forward(self, x):
+        z, f, o = self.gates(x).chunk(3, -1)
+        z, f, o = torch.tanh(z), torch.sigmoid(f), torch.sigmoid(o)
+        c, outputs = x.new_zeros(x.shape[0], H), []
+        for t in range(x.shape[1]):
+            c = f[:, t] * c + (1 - f[:, t]) * z[:, t]
+            outputs.append(o[:, t] * c)
+        return torch.stack(outputs, 1)
+
+
 @dataclass
 class ZooCase:
     """One model style with its example inputs and the targets the pass must find."""
@@ -579,4 +638,12 @@ ZOO = [
     ZooCase("weight_norm", WeightNormRNN, lambda: (sequence(),),
             {("h2h.parametrizations.weight.original0", "elementwise", ALL, ALL, 1),
              ("h2h.parametrizations.weight.original1", "recurrent", ALL, ALL, 1)}),
+    ZooCase("grid_cell_rnn", GridCellRNN, lambda: (torch.randn(B, T, 2), torch.randn(B, O)),
+            {("rnn.weight_hh_l0", "recurrent", ALL, ALL, 1)}),
+    ZooCase("attention_seq2seq", AttentionSeq2Seq, lambda: (torch.randint(0, 11, (B, 4)),),
+            {("encoder.weight_hh_l0", "recurrent", ALL, ALL, 3),
+             ("decoder.weight_hh", "recurrent", ALL, ALL, 3),
+             ("decoder.weight_ih", "recurrent", ALL, (I, I + H), 3),
+             ("attention.weight", "recurrent", ALL, ALL, 1)}),
+    ZooCase("quasi_rnn", QuasiRNN, lambda: (sequence(),), set()),
 ]
