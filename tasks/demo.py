@@ -10,7 +10,6 @@ dense-vs-sparse timing of its recurrent layer.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from .ray_backend import split_finished
 from .runner import EMBEDDINGS_FILE, WEIGHTS_FILE, RunConfig, run
 
 __all__ = ["register", "run_demo"]
@@ -52,10 +52,10 @@ def _plan(args: argparse.Namespace) -> list[RunConfig]:
 def _train_all(plans: list[RunConfig], jobs: int, fresh: bool) -> list[dict[str, Any]]:
     summaries: dict[str, dict[str, Any]] = {}
     todo = []
-    for config in plans:
-        summary_path = Path(config.out) / "summary.json"
-        if summary_path.exists() and not fresh:
-            summaries[config.out] = json.loads(summary_path.read_text())
+    finished, pending = split_finished(plans) if not fresh else ({}, list(range(len(plans))))
+    for index, config in enumerate(plans):
+        if index in finished:
+            summaries[config.out] = finished[index]
         else:
             todo.append(config)
     if todo:

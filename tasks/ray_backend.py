@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-__all__ = ["RunFailure", "SUMMARY_NAME", "plan_run_dir", "read_summary", "split_finished",
+__all__ = ["RunFailure", "SUMMARY_NAME", "plan_run_dir", "read_summary", "same_recorded_run", "split_finished",
            "execute_serial", "execute_ray"]
 
 SUMMARY_NAME = "summary.json"
@@ -66,9 +66,36 @@ def read_summary(run_dir: str | os.PathLike) -> dict | None:
     return summary if isinstance(summary, dict) else None
 
 
+# Fields that may differ between a finished run and a plan that reuses it.
+_REUSE_IGNORES = ("threads", "resume", "out")
+
+
+def same_recorded_run(plan: Any, run_dir: Path) -> bool:
+    """Whether the run recorded in ``run_dir/config.json`` is the run ``plan`` asks for.
+
+    Plans with ``to_dict``/``from_dict`` (a :class:`~tasks.runner.RunConfig`) are compared
+    field by field (fields the record lacks take their defaults), all but
+    ``threads``/``resume``/``out``; other plans only need a summary.
+    """
+    if not (hasattr(plan, "to_dict") and hasattr(type(plan), "from_dict")):
+        return True
+    try:
+        recorded = type(plan).from_dict(json.loads((Path(run_dir) / "config.json").read_text())["run"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return False  # unreadable, or written by another version: run it again
+
+    def comparable(config: Any) -> dict:
+        return {k: v for k, v in config.to_dict().items() if k not in _REUSE_IGNORES}
+
+    return comparable(recorded) == comparable(plan)
+
+
 def split_finished(plans: Sequence[Any], run_dir_of: Callable[[Any], Path] = plan_run_dir
                    ) -> tuple[dict[int, dict], list[int]]:
     """Summaries of the finished plans by index, and the indices of the plans still to run.
+
+    A finished run is reused only when its recorded config is the plan's (see
+    :func:`same_recorded_run`); a run directory left by another config is run again.
 
     Example:
         >>> import tempfile
@@ -79,8 +106,9 @@ def split_finished(plans: Sequence[Any], run_dir_of: Callable[[Any], Path] = pla
     """
     finished, pending = {}, []
     for index, plan in enumerate(plans):
-        summary = read_summary(run_dir_of(plan))
-        if summary is None:
+        run_dir = run_dir_of(plan)
+        summary = read_summary(run_dir)
+        if summary is None or not same_recorded_run(plan, run_dir):
             pending.append(index)
         else:
             finished[index] = summary

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,11 +46,16 @@ def test_aggregate_gives_mean_and_std_in_the_paper_layout(tmp_path):
 def test_execute_skips_finished_runs_and_reruns_missing_ones(tmp_path):
     plans = plan_runs("adding", "test", "controls", 1, [0.5], tmp_path, steps=6)
     configs = [config for _, config in plans]
-    finished = tmp_path / "moduli-s0.5-seed0"
-    finished.mkdir(parents=True)
-    (finished / "summary.json").write_text(json.dumps({"dense_metric": 7.0, "sparse_metric": 7.0}))
+    fake = {"dense_metric": 7.0, "sparse_metric": 7.0}
+    for config, recorded_steps in ((configs[0], 6), (configs[1], 9)):
+        finished = Path(config.out)
+        finished.mkdir(parents=True)
+        recorded = {**config.to_dict(), "steps": recorded_steps, "threads": 3}  # threads may differ
+        (finished / "config.json").write_text(json.dumps({"run": recorded}))
+        (finished / "summary.json").write_text(json.dumps(fake))
     results = execute(configs, jobs=1)
-    assert results[0] == {"dense_metric": 7.0, "sparse_metric": 7.0}  # reused, not retrained
+    assert results[0] == fake  # same config: reused, not retrained
+    assert results[1] != fake  # another config (steps=9) in the directory: trained again
     for config, result in zip(configs[1:], results[1:]):
         assert json.loads((tmp_path / config.out.split("/")[-1] / "summary.json").read_text()) == result
         assert result["sparsity"] == 0.5
