@@ -22,16 +22,13 @@ can depend on an earlier one.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import fx, nn
 
+from .capture import GraphCaptureError, capture, parameter_names, user_inputs
 from .targets import Target
 
 __all__ = ["GraphCaptureError", "capture", "find_recurrent_targets"]
@@ -39,95 +36,6 @@ __all__ = ["GraphCaptureError", "capture", "find_recurrent_targets"]
 aten = torch.ops.aten
 
 DATA, PARAM, CONST = "data", "param", "const"
-
-WAYS_OUT = (
-    "Ways out: (1) if training calls another method, trace that one: "
-    "attach(model, example_inputs=(x,), method='name'); (2) targets='types' finds PyTorch's "
-    "recurrent layers (nn.RNN/GRU/LSTM and their cells) by type, without tracing; "
-    "(3) name the weights PEFT-style: targets=['rnn.weight_hh_l0', 're:.*h2h.*']."
-)
-
-
-class GraphCaptureError(ValueError):
-    """torch.export could not capture the model; the message lists the ways out."""
-
-
-# --------------------------------------------------------------------------- capture
-
-
-class _MethodCall(nn.Module):
-    """Exports ``model.<method>`` while keeping parameter names (under ``model.``)."""
-
-    def __init__(self, model: nn.Module, method: str) -> None:
-        super().__init__()
-        self.model = model
-        self.method = method
-
-    def forward(self, *args, **kwargs):
-        return getattr(self.model, self.method)(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def _quiet_export():
-    """Silence export's warnings and the partial graph it prints to stderr on failure;
-    the failure itself is re-raised as GraphCaptureError with context."""
-    previous = logging.root.manager.disable
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            logging.disable(max(previous, logging.WARNING))
-            yield
-    finally:
-        logging.disable(previous)
-
-
-def capture(model: nn.Module, example_inputs: tuple, method: str = "forward",
-            example_kwargs: dict | None = None) -> tuple[torch.export.ExportedProgram, str]:
-    """Capture ``model.<method>(*example_inputs)`` with non-strict ``torch.export``.
-
-    Returns:
-        The exported program and the prefix its parameter names carry ("" or "model.").
-
-    Raises:
-        GraphCaptureError: the method does not exist or export failed.
-    """
-    name = type(model).__name__
-    if not callable(getattr(model, method, None)):
-        raise GraphCaptureError(f"{name} has no method {method!r} to trace. {WAYS_OUT}")
-    root, prefix = (model, "") if method == "forward" else (_MethodCall(model, method), "model.")
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    try:
-        with _quiet_export():
-            program = torch.export.export(root, inputs, kwargs=dict(example_kwargs or {}), strict=False)
-    except Exception as error:  # export raises many unrelated types; all mean "no graph"
-        detail = " ".join(str(error).split())[:400]
-        raise GraphCaptureError(
-            f"could not capture {name}.{method}() with torch.export "
-            f"({type(error).__name__}: {detail}). Data-dependent control flow (Python `if`/"
-            f"`while` on tensor values) and unsupported ops stop the capture. {WAYS_OUT}"
-        ) from error
-    return program, prefix
-
-
-def _parameter_names(model: nn.Module, program, prefix: str) -> dict[str, str]:
-    """Placeholder name -> key in ``model.named_parameters()`` (tied weights resolved)."""
-    canonical = {id(p): n for n, p in model.named_parameters()}
-    names = {}
-    for spec in program.graph_signature.input_specs:
-        if spec.kind != torch.export.graph_signature.InputKind.PARAMETER:
-            continue
-        target = spec.target[len(prefix):] if spec.target.startswith(prefix) else spec.target
-        try:
-            names[spec.arg.name] = canonical.get(id(model.get_parameter(target)), target)
-        except AttributeError:
-            names[spec.arg.name] = target
-    return names
-
-
-def _user_inputs(program) -> set[str]:
-    kind = torch.export.graph_signature.InputKind.USER_INPUT
-    return {s.arg.name for s in program.graph_signature.input_specs if s.kind == kind}
-
 
 # --------------------------------------------------------------------------- node states
 
@@ -601,8 +509,8 @@ def find_recurrent_targets(model: nn.Module, example_inputs: tuple, method: str 
     """
     program, prefix = capture(model, example_inputs, method, example_kwargs)
     graph = program.graph_module.graph
-    parameters = _parameter_names(model, program, prefix)
-    flow = _classify(graph, parameters, _user_inputs(program))
+    parameters = parameter_names(model, program, prefix)
+    flow = _classify(graph, parameters, user_inputs(program))
     uses = [use for node in graph.nodes
             if node.op == "call_function" and node.target in USE_RULES
             for use in USE_RULES[node.target](node, flow)]

@@ -1,0 +1,177 @@
+"""Capturing a model for the dataflow pass: ``torch.export`` without side effects.
+
+:func:`capture` runs non-strict ``torch.export`` on ``model.<method>`` and returns the
+program. The model is left exactly as it was: forward code that stores tensors on the
+module (AWD-LSTM's weight drop sets ``rnn.weight_hh_l0`` each call, stateful models keep
+``self.hidden``) would otherwise keep the fake tensors of the trace. When export fails,
+:class:`GraphCaptureError` says where (the line of the model's code), what PyTorch's
+layer types would give instead, and the ways out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import traceback
+import warnings
+
+import torch
+from torch import nn
+
+__all__ = ["GraphCaptureError", "WAYS_OUT", "capture", "parameter_names", "user_inputs"]
+
+WAYS_OUT = (
+    "Ways out: (1) if training calls another method, or one without the untraceable part "
+    "exists, trace that one: attach(model, example_inputs=(x,), method='name'); "
+    "(2) targets='types' finds PyTorch's recurrent layers (nn.RNN/GRU/LSTM and their cells) "
+    "by type, without tracing; (3) name the weights PEFT-style: "
+    "targets=['rnn.weight_hh_l0', 're:.*h2h.*']."
+)
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+class GraphCaptureError(ValueError):
+    """torch.export could not capture the model; the message lists the ways out."""
+
+
+class _MethodCall(nn.Module):
+    """Exports ``model.<method>`` while keeping parameter names (under ``model.``)."""
+
+    def __init__(self, model: nn.Module, method: str) -> None:
+        super().__init__()
+        self.model = model
+        self.method = method
+
+    def forward(self, *args, **kwargs):
+        return getattr(self.model, self.method)(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _quiet_export():
+    """Silence export's warnings and the partial graph it prints to stderr on failure;
+    the failure itself is re-raised as GraphCaptureError with context."""
+    previous = logging.root.manager.disable
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            logging.disable(max(previous, logging.WARNING))
+            yield
+    finally:
+        logging.disable(previous)
+
+
+@contextlib.contextmanager
+def _restoring_attributes(model: nn.Module):
+    """Put back every module attribute the traced code assigned (tensors of the trace
+    must not outlive it), including the contents of ``_parameters``/``_buffers`` and of
+    list attributes such as ``nn.LSTM._flat_weights``, which RNN modules update in place."""
+    saved = []
+    for module in model.modules():
+        state = dict(module.__dict__)
+        contents = {key: (dict(value) if isinstance(value, dict) else list(value))
+                    for key, value in state.items() if type(value) in (dict, list)}
+        saved.append((module, state, contents))
+    try:
+        yield
+    finally:
+        for module, state, contents in saved:
+            for key in set(module.__dict__) - set(state):
+                del module.__dict__[key]
+            for key, value in state.items():
+                module.__dict__[key] = value
+                if key in contents and not _same_items(value, contents[key]):
+                    value.clear()
+                    value.update(contents[key]) if isinstance(value, dict) else value.extend(contents[key])
+
+
+def _same_items(current, saved) -> bool:
+    """Same keys/length and the very same objects (tensors compare by identity)."""
+    if isinstance(current, dict):
+        return current.keys() == saved.keys() and all(current[k] is saved[k] for k in saved)
+    return len(current) == len(saved) and all(a is b for a, b in zip(current, saved))
+
+
+def _where(error: BaseException) -> str:
+    """The line of the model's code (outside the torch package) where export failed, and
+    the PyTorch layer it was inside of, if any."""
+    frames = traceback.extract_tb(error.__traceback__)
+    user = [i for i, f in enumerate(frames)
+            if not f.filename.startswith((_TORCH_DIR, _PACKAGE_DIR))]
+    if not user:
+        return ""
+    frame = frames[user[-1]]
+    where = f" at {os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}: `{frame.line}`"
+    inside = [f for f in frames[user[-1] + 1:] if f.filename.startswith(_TORCH_DIR + "nn")
+              and not f.filename.endswith(os.path.join("modules", "module.py"))]
+    if inside:
+        path = inside[-1].filename[len(_TORCH_DIR):]
+        where += f", inside torch/{path}:{inside[-1].lineno} ({inside[-1].name})"
+    return where
+
+
+def _types_hint(model: nn.Module) -> str:
+    """What targets='types' would find here, so the error can name a working way out."""
+    from .discovery import DiscoveryContext, find_by_layer_type
+
+    try:
+        names = [t.name for t in find_by_layer_type(model, DiscoveryContext())]
+    except Exception:  # the hint must never hide the capture error
+        return ""
+    if not names:
+        return " Here targets='types' finds nothing (no PyTorch recurrent layers)."
+    shown = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
+    return f" Here targets='types' finds: {shown}."
+
+
+def capture(model: nn.Module, example_inputs: tuple, method: str = "forward",
+            example_kwargs: dict | None = None) -> tuple[torch.export.ExportedProgram, str]:
+    """Capture ``model.<method>(*example_inputs)`` with non-strict ``torch.export``.
+
+    Returns:
+        The exported program and the prefix its parameter names carry ("" or "model.").
+
+    Raises:
+        GraphCaptureError: the method does not exist or export failed.
+    """
+    name = type(model).__name__
+    if not callable(getattr(model, method, None)):
+        raise GraphCaptureError(f"{name} has no method {method!r} to trace. {WAYS_OUT}")
+    root, prefix = (model, "") if method == "forward" else (_MethodCall(model, method), "model.")
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    try:
+        with _quiet_export(), _restoring_attributes(model):
+            program = torch.export.export(root, inputs, kwargs=dict(example_kwargs or {}), strict=False)
+    except Exception as error:  # export raises many unrelated types; all mean "no graph"
+        detail = " ".join(str(error).split())[:300]
+        raise GraphCaptureError(
+            f"could not capture {name}.{method}() with torch.export{_where(error)} "
+            f"({type(error).__name__}: {detail}). Data-dependent control flow (Python `if`/"
+            f"`while` on tensor values), data-dependent sizes (PackedSequence lengths) and "
+            f"unsupported ops stop the capture.{_types_hint(model)} {WAYS_OUT}"
+        ) from error
+    return program, prefix
+
+
+def parameter_names(model: nn.Module, program, prefix: str) -> dict[str, str]:
+    """Placeholder name -> key in ``model.named_parameters()`` (tied weights resolved)."""
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    names = {}
+    for spec in program.graph_signature.input_specs:
+        if spec.kind != torch.export.graph_signature.InputKind.PARAMETER:
+            continue
+        target = spec.target[len(prefix):] if spec.target.startswith(prefix) else spec.target
+        try:
+            names[spec.arg.name] = canonical.get(id(model.get_parameter(target)), target)
+        except AttributeError:
+            names[spec.arg.name] = target
+    return names
+
+
+def user_inputs(program) -> set[str]:
+    """Placeholder names of the traced method's own inputs."""
+    kind = torch.export.graph_signature.InputKind.USER_INPUT
+    return {s.arg.name for s in program.graph_signature.input_specs if s.kind == kind}
