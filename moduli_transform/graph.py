@@ -22,6 +22,7 @@ can depend on an earlier one.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -69,25 +70,86 @@ class _Use:
     gates: int = 1
     gate_names: tuple[str, ...] = ()
     label: str = ""
+    batched: bool = False  # the weight may carry leading batch dims (bmm); matrix = last two
 
 
 @dataclass
 class _Dataflow:
-    """Node states (data / parameter-derived / constant) and parameter sources."""
+    """Node states (data / parameter-derived / constant), parameter sources, the nodes each
+    node's value depends on and the tensors it writes in place (:func:`_dependencies`)."""
 
     state: dict = field(default_factory=dict)
     sources: dict = field(default_factory=dict)
+    inputs: dict = field(default_factory=dict)
+    writes: dict = field(default_factory=dict)
 
     def is_weight(self, node, ndim: int | None = 2) -> bool:
         return (isinstance(node, fx.Node) and self.state.get(node) == PARAM
                 and (ndim is None or len(_shape(node)) == ndim))
 
+    def is_matrix(self, node) -> bool:
+        """A parameter-derived matrix, or a batch of them (``W.expand(B, H, H)`` for bmm)."""
+        return self.is_weight(node, None) and len(_shape(node)) >= 2
+
     def is_input(self, node) -> bool:
         return isinstance(node, fx.Node) and self.state.get(node) in (DATA, CONST)
 
 
+# Ops whose value does not depend on the values of their tensor inputs, only on shapes.
+_SHAPE_ONLY = {aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default,
+               aten.new_full.default, aten.zeros_like.default, aten.ones_like.default,
+               aten.empty_like.default, aten.full_like.default, aten.randn_like.default,
+               aten.rand_like.default, aten.sym_size.int}
+
+
+def _aliasing(node: fx.Node) -> tuple[fx.Node | None, list[fx.Node]]:
+    """The input ``node``'s output is a view of (or None), and the inputs it writes in place,
+    read from the op's schema (``Tensor(a)`` / ``Tensor(a!)`` annotations)."""
+    if node.target is operator.getitem:  # an element of split/unbind outputs
+        return node.args[0], []
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None:
+        return None, []
+    viewed, written = None, []
+    for index, argument in enumerate(schema.arguments):
+        if argument.alias_info is None:
+            continue
+        value = _arg(node, index, argument.name, None)
+        if not isinstance(value, fx.Node):
+            continue
+        viewed = viewed or value
+        if argument.alias_info.is_write:
+            written.append(value)
+    returns_alias = bool(schema.returns) and schema.returns[0].alias_info is not None
+    return (viewed if returns_alias else None), written
+
+
+def _dependencies(graph: fx.Graph) -> tuple[dict, dict]:
+    """Per node, the nodes its value depends on, and the tensors it writes in place.
+
+    Shape-only ops (``new_zeros``, ``zeros_like``) depend on nothing. The training IR keeps
+    in-place ops: ``states[t + 1] = f(states[t])`` on a preallocated tensor is
+    ``copy_(select(states, 0, t + 1), ...)``, and ``W[:E, :E] = w_ee`` assembles a weight
+    the same way; later reads refer to ``states`` / ``W``, not to the copy. Each write is
+    mapped to the base tensor (through views), into which the sweeps merge what it wrote.
+    """
+    inputs, writes, base = {}, {}, {}
+    for node in graph.nodes:
+        inputs[node] = [] if node.target in _SHAPE_ONLY else node.all_input_nodes
+        viewed, written = _aliasing(node)
+        if viewed is not None:
+            base[node] = base.get(viewed, viewed)
+        if written:
+            writes[node] = [base.get(value, value) for value in written]
+    return inputs, writes
+
+
+_ORDER = {CONST: 0, PARAM: 1, DATA: 2}
+
+
 def _classify(graph: fx.Graph, parameters: dict[str, str], inputs: set[str]) -> _Dataflow:
     flow = _Dataflow()
+    flow.inputs, flow.writes = _dependencies(graph)
     for node in graph.nodes:
         if node.op == "placeholder":
             if node.name in parameters:
@@ -95,16 +157,24 @@ def _classify(graph: fx.Graph, parameters: dict[str, str], inputs: set[str]) -> 
             else:
                 flow.state[node] = DATA if node.name in inputs else CONST
             continue
-        states = [flow.state.get(i, CONST) for i in node.all_input_nodes]
-        if DATA in states:
-            flow.state[node] = DATA
-        elif PARAM in states:
-            flow.state[node] = PARAM
+        states = [flow.state.get(i, CONST) for i in flow.inputs[node]]
+        flow.state[node] = max(states, key=_ORDER.get, default=CONST)
+        if flow.state[node] == PARAM:
             flow.sources[node] = frozenset().union(
-                *(flow.sources[i] for i in node.all_input_nodes if i in flow.sources))
-        else:
-            flow.state[node] = CONST
+                *(flow.sources[i] for i in flow.inputs[node] if i in flow.sources))
+        for written in flow.writes.get(node, ()):
+            _merge_write(flow, written, node)
     return flow
+
+
+def _merge_write(flow: _Dataflow, base: fx.Node, writer: fx.Node) -> None:
+    """Later reads of ``base`` see what ``writer`` stored (parameters stay parameters)."""
+    if base.op == "placeholder" and flow.state.get(base) == PARAM:
+        return
+    state = max(flow.state.get(base, CONST), flow.state[writer], key=_ORDER.get)
+    flow.state[base] = state
+    if state == PARAM:
+        flow.sources[base] = flow.sources.get(base, frozenset()) | flow.sources.get(writer, frozenset())
 
 
 # --------------------------------------------------------------------------- use rules
@@ -136,23 +206,26 @@ def _linear_uses(node, flow):
 
 def _matmul_pair(node, flow, left, right):
     """``h @ W`` and/or ``W @ h``; both when both sides are parameter-derived (such uses
-    only seed the reachability, e.g. a learnable initial state times W_hh)."""
+    only seed the reachability, e.g. a learnable initial state times W_hh). ``W`` may be a
+    batch of matrices (``W.expand(B, n, m)`` for bmm); its last two dims are the matrix."""
     uses = []
-    if flow.is_weight(right):
-        uses.append(_Use(node, right, left, -1, 0, -1, label="h @ W, parameter as (in, out)"))
-    if flow.is_weight(left):
-        data_dim = -2 if len(_shape(right)) >= 2 else 0
+    if flow.is_matrix(right):
+        uses.append(_Use(node, right, left, -1, 0, -1, label="h @ W, parameter as (in, out)",
+                         batched=True))
+    if flow.is_matrix(left):
+        data_dim = -2 if len(_shape(right)) >= 2 else -1
         out_dim = -2 if len(_shape(right)) >= 2 else -1
-        uses.append(_Use(node, left, right, data_dim, 1, out_dim, label="W @ h, parameter as (out, in)"))
+        uses.append(_Use(node, left, right, data_dim, 1, out_dim, batched=True,
+                         label="W @ h, parameter as (out, in)"))
     return uses
 
 
-@_use_rule(aten.matmul.default, aten.mm.default)
+@_use_rule(aten.matmul.default, aten.mm.default, aten.bmm.default, aten.mv.default)
 def _matmul_uses(node, flow):
     return _matmul_pair(node, flow, node.args[0], node.args[1])
 
 
-@_use_rule(aten.addmm.default)
+@_use_rule(aten.addmm.default, aten.baddbmm.default, aten.addmv.default)
 def _addmm_uses(node, flow):
     return _matmul_pair(node, flow, node.args[1], node.args[2])
 
@@ -267,11 +340,14 @@ def _propagate(graph: fx.Graph, uses: list[_Use], flow: _Dataflow, bits: dict[st
         value = _value(node)
         if isinstance(value, torch.Tensor) and not (value.is_floating_point() or value.is_complex()):
             continue  # sampled tokens and indices carry no gradient
-        for i in node.all_input_nodes:
+        for i in flow.inputs[node]:
             reach[node] |= reach[i] | seed.get(i, 0)
             direct[node] |= direct[i] | seed.get(i, 0)
         if node in matrix_nodes:
             direct[node] = 0
+        for base in flow.writes.get(node, ()):  # later reads of base see what was written
+            reach[base] |= reach[node]
+            direct[base] |= direct[node]
     return seed, reach, direct
 
 
@@ -279,6 +355,32 @@ _CATS = {aten.cat.default, aten.concat.default, aten.concatenate.default}
 _SAME_LAYOUT = {aten.clone.default, aten.contiguous.default, aten.dropout.default,
                 aten.alias.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout,
                 aten.type_as.default, aten.detach.default}
+
+
+def _layout_source(node: fx.Node, dim: int, ndim: int) -> tuple[fx.Node, int] | None:
+    """The input and its dim that ``dim`` of a re-layout op's output comes from (None when
+    ``node`` is no such op, or ``dim`` is one it reduces or creates)."""
+    target, source = node.target, node.args[0] if node.args else None
+    if target is aten.t.default and ndim == 2 or target is aten.numpy_T.default:
+        return source, ndim - 1 - dim
+    if target is aten.mT.default:
+        return source, {ndim - 1: ndim - 2, ndim - 2: ndim - 1}.get(dim, dim)
+    if target is aten.transpose.int:
+        first, second = (d % ndim for d in node.args[1:3])
+        return source, {first: second, second: first}.get(dim, dim)
+    if target is aten.permute.default:
+        return source, node.args[1][dim] % ndim
+    if target in _SAME_LAYOUT:
+        return source, dim
+    if target is aten.select.int:
+        selected = node.args[1] % (ndim + 1)
+        return source, dim if dim < selected else dim + 1
+    if target is aten.unsqueeze.default:
+        added = node.args[1] % ndim
+        return None if dim == added else (source, dim if dim < added else dim - 1)
+    if target is aten.slice.Tensor and _arg(node, 1, "dim", 0) % ndim != dim:
+        return source, dim
+    return None
 
 
 def _input_ranges(node, dim: int, reaches: Callable) -> list[tuple[int, int]]:
@@ -289,8 +391,7 @@ def _input_ranges(node, dim: int, reaches: Callable) -> list[tuple[int, int]]:
     if not shape:
         return []
     dim %= len(shape)
-    target, source = node.target, node.args[0] if node.args else None
-    if target in _CATS:
+    if node.target in _CATS:
         pieces, cat_dim = node.args[0], _arg(node, 1, "dim", 0) % len(shape)
         if cat_dim != dim:
             return [r for piece in pieces for r in _input_ranges(piece, dim, reaches)]
@@ -299,20 +400,10 @@ def _input_ranges(node, dim: int, reaches: Callable) -> list[tuple[int, int]]:
             ranges += [(offset + a, offset + b) for a, b in _input_ranges(piece, dim, reaches)]
             offset += _shape(piece)[dim] if _shape(piece) else 0
         return ranges
-    if target is aten.t.default and len(shape) == 2:
-        return _input_ranges(source, 1 - dim, reaches)
-    if target is aten.transpose.int:
-        first, second = (d % len(shape) for d in node.args[1:3])
-        return _input_ranges(source, {first: second, second: first}.get(dim, dim), reaches)
-    if target is aten.permute.default:
-        return _input_ranges(source, node.args[1][dim] % len(shape), reaches)
-    if target in _SAME_LAYOUT:
-        return _input_ranges(source, dim, reaches)
-    if target is aten.select.int:
-        selected = node.args[1] % (len(shape) + 1)
-        return _input_ranges(source, dim if dim < selected else dim + 1, reaches)
-    if target is aten.slice.Tensor and _arg(node, 1, "dim", 0) % len(shape) != dim:
-        return _input_ranges(source, dim, reaches)
+    found = _layout_source(node, dim, len(shape))
+    # a view whose source does not reach got its value from an in-place write: all of it
+    if found is not None and reaches(found[0]):
+        return _input_ranges(*found, reaches)
     return [(0, shape[dim])]
 
 
@@ -331,10 +422,12 @@ _SPLITS = {aten.chunk.default, aten.unsafe_chunk.default, aten.split.Tensor,
            aten.unsafe_split_with_sizes.default}
 # Ops between a weight's output and the chunk/split into gates that keep the gate layout
 # (the shape is checked too): bias adds, sums of the input and recurrent parts, and the
-# gate nonlinearity when it is applied before the split.
+# gate nonlinearity when it is applied before the split, layer/batch norm of the gates
+# (LayerNorm LSTM, recurrent batch normalization).
 _GATE_PASS = {aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.clone.default,
               aten.contiguous.default, aten.sigmoid.default, aten.tanh.default, aten.relu.default,
-              aten.hardsigmoid.default, aten.mul.Tensor, aten.addmm.default}
+              aten.hardsigmoid.default, aten.mul.Tensor, aten.addmm.default,
+              aten.layer_norm.default, aten.batch_norm.default, aten.dropout.default}
 
 
 def _split_count(node: fx.Node, dim: int, size: int) -> int:
@@ -400,6 +493,7 @@ class _Finding:
         module = self.name.split(".parametrizations.")[0] if ".parametrizations." in self.name \
             else self.name.rpartition(".")[0]
         label = "; ".join(dict.fromkeys(self.labels))
+        used = f"used at {self.steps} steps ({label})" if self.steps else label
         if self.kind == "elementwise":
             return Target(name=self.name, shape=self.shape, kind="elementwise", module=module,
                           regularize=False, evidence=(
@@ -409,7 +503,7 @@ class _Finding:
             # e.g. weight_norm's magnitude g: a per-neuron scale has no (i, j) structure
             return Target(name=self.name, shape=self.shape, kind="elementwise", module=module,
                           regularize=False, evidence=(
-                              f"used at {self.steps} steps ({label}); a per-neuron scale of a derived "
+                              f"{used}; a per-neuron scale of a derived "
                               "recurrent weight, no off-diagonal structure"))
         selection = self.selection()
         gates = self.gates if self.gates > 1 and self.shape[0] % self.gates == 0 else 1
@@ -420,8 +514,7 @@ class _Finding:
             axis = "row" if self.in_dim == 0 else "column"
             what = (f"{axis} slice {selection.start}:{selection.stop} of the "
                     f"{'cat ' if self.from_cat else ''}input")
-        evidence = (f"used at {self.steps} steps ({label}); {what} reads the output of an "
-                    "earlier use") if self.steps else label
+        evidence = f"{used}; {what} reads the output of an earlier use" if self.steps else label
         if gates > 1 and not self.gate_names:
             self.notes.append(f"output split into {gates} gates")
         return Target(name=self.name, shape=self.shape, kind=self.kind, rows=rows, cols=cols,
@@ -465,7 +558,7 @@ def _findings(uses: list[_Use], flow: _Dataflow, tables, bits: dict[str, int],
                 steps.setdefault((name, use.label), set()).add(use.node)
     findings: dict[str, _Finding] = {}
     for use in uses:
-        weight_shape = _shape(use.weight)
+        weight_shape = _shape(use.weight)[-2:] if use.batched else _shape(use.weight)
         for name in sorted(flow.sources[use.weight]):
             if use.kind == "elementwise" and len(shapes[name]) != 1:
                 continue

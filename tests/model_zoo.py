@@ -561,6 +561,139 @@ class QuasiRNN(nn.Module):
         return torch.stack(outputs, 1)
 
 
+class LayerNormLSTM(nn.Module):
+    """pytorch/benchmarks fastrnns LayerNormLSTMCell: ``mm`` per side, LayerNorm on each
+    side's gates before the sum and the chunk, LayerNorm on the cell."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight_ih = nn.Parameter(torch.randn(4 * H, I) * 0.3)
+        self.weight_hh = nn.Parameter(torch.randn(4 * H, H) * 0.3)
+        self.layernorm_i, self.layernorm_h = nn.LayerNorm(4 * H), nn.LayerNorm(4 * H)
+        self.layernorm_c = nn.LayerNorm(H)
+
+    def forward(self, x):
+        hx = cx = x.new_zeros(x.shape[0], H)
+        for t in range(x.shape[1]):
+            igates = self.layernorm_i(torch.mm(x[:, t], self.weight_ih.t()))
+            hgates = self.layernorm_h(torch.mm(hx, self.weight_hh.t()))
+            ingate, forgetgate, cellgate, outgate = (igates + hgates).chunk(4, 1)
+            cx = self.layernorm_c(torch.sigmoid(forgetgate) * cx
+                                  + torch.sigmoid(ingate) * torch.tanh(cellgate))
+            hx = torch.sigmoid(outgate) * torch.tanh(cx)
+        return hx
+
+
+class TupleStateLSTM(nn.Module):
+    """fastrnns LSTMCell + LSTMLayer: time-major input, the ``(hx, cx)`` state passed in as a
+    tuple argument and returned, ``mm + b_ih + mm + b_hh`` then chunk."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight_ih = nn.Parameter(torch.randn(4 * H, I) * 0.3)
+        self.weight_hh = nn.Parameter(torch.randn(4 * H, H) * 0.3)
+        self.bias_ih = nn.Parameter(torch.zeros(4 * H))
+        self.bias_hh = nn.Parameter(torch.zeros(4 * H))
+
+    def cell(self, input, state):
+        hx, cx = state
+        gates = (torch.mm(input, self.weight_ih.t()) + self.bias_ih
+                 + torch.mm(hx, self.weight_hh.t()) + self.bias_hh)
+        ingate, forgetgate, cellgate, outgate = gates.chunk(4, 1)
+        cy = torch.sigmoid(forgetgate) * cx + torch.sigmoid(ingate) * torch.tanh(cellgate)
+        hy = torch.sigmoid(outgate) * torch.tanh(cy)
+        return hy, (hy, cy)
+
+    def forward(self, input, state):
+        outputs = []
+        for step in input.unbind(0):
+            out, state = self.cell(step, state)
+            outputs += [out]
+        return torch.stack(outputs), state
+
+
+class BlockAssembledRNN(nn.Module):
+    """E/I network (Dale's law) whose recurrent matrix is assembled in place from four
+    sign-constrained blocks, ``W[:E, :E] = |w_ee|`` ..., then applied with ``F.linear``."""
+
+    def __init__(self, excitatory: int = 3):
+        super().__init__()
+        self.e, inhibitory = excitatory, H - excitatory
+        self.input = nn.Linear(I, H)
+        self.w_ee = nn.Parameter(torch.rand(excitatory, excitatory))
+        self.w_ei = nn.Parameter(torch.rand(excitatory, inhibitory))
+        self.w_ie = nn.Parameter(torch.rand(inhibitory, excitatory))
+        self.w_ii = nn.Parameter(torch.rand(inhibitory, inhibitory))
+
+    def recurrent_weight(self):
+        e, W = self.e, self.w_ee.new_zeros(H, H)
+        W[:e, :e], W[:e, e:] = self.w_ee.abs(), -self.w_ei.abs()
+        W[e:, :e], W[e:, e:] = self.w_ie.abs(), -self.w_ii.abs()
+        return W
+
+    def forward(self, x):
+        W, h = self.recurrent_weight(), x.new_zeros(x.shape[0], H)
+        for t in range(x.shape[1]):
+            h = torch.relu(self.input(x[:, t]) + F.linear(h, W))
+        return h
+
+
+class BatchedWeightRNN(nn.Module):
+    """Weights expanded over the batch and applied with ``bmm`` / ``baddbmm``."""
+
+    def __init__(self):
+        super().__init__()
+        self.W_in = nn.Parameter(torch.randn(I, H) * 0.3)
+        self.W_rec = nn.Parameter(torch.randn(H, H) * 0.3)
+        self.bias = nn.Parameter(torch.zeros(1, 1, H))
+
+    def forward(self, x):
+        batch = x.shape[0]
+        h = x.new_zeros(batch, 1, H)
+        w_in, w_rec = self.W_in.expand(batch, I, H), self.W_rec.expand(batch, H, H)
+        for t in range(x.shape[1]):
+            recurrent = torch.baddbmm(self.bias.expand(batch, 1, H), h, w_rec)
+            h = torch.tanh(torch.bmm(x[:, t:t + 1], w_in) + recurrent)
+        return h.squeeze(1)
+
+
+class ContinuousTimeRNN(nn.Module):
+    """Euler-discretized rate network, column vectors: ``h += dt (-h + W tanh(h) + U x)``."""
+
+    def __init__(self, dt: float = 0.1):
+        super().__init__()
+        self.dt = dt
+        self.W = nn.Parameter(torch.randn(H, H) / H ** 0.5)
+        self.U = nn.Parameter(torch.randn(H, I) * 0.3)
+        self.b = nn.Parameter(torch.zeros(H, 1))
+
+    def forward(self, x):
+        h = x.new_zeros(H, x.shape[0])
+        for t in range(x.shape[1]):
+            h = h + self.dt * (-h + self.W @ torch.tanh(h) + self.U @ x[:, t].T + self.b)
+        return h.T
+
+
+class SimpleRecurrentUnit(nn.Module):
+    """SRU (Lei et al. 2018): one matrix on the inputs only; the state enters the forget
+    gate through an elementwise vector ``v_f * c`` (listed as elementwise, no matrix)."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Linear(I, 3 * H)
+        self.v_f = nn.Parameter(torch.zeros(H))
+        self.b_f = nn.Parameter(torch.zeros(H))
+
+    def forward(self, x):
+        z, f, r = self.W(x).chunk(3, -1)
+        c, outputs = x.new_zeros(x.shape[0], H), []
+        for t in range(x.shape[1]):
+            forget = torch.sigmoid(f[:, t] + self.v_f * c + self.b_f)
+            c = forget * c + (1 - forget) * z[:, t]
+            outputs.append(torch.sigmoid(r[:, t]) * torch.tanh(c))
+        return torch.stack(outputs, 1)
+
+
 @dataclass
 class ZooCase:
     """One model style with its example inputs and the targets the pass must find."""
@@ -646,4 +779,17 @@ ZOO = [
              ("decoder.weight_ih", "recurrent", ALL, (I, I + H), 3),
              ("attention.weight", "recurrent", ALL, ALL, 1)}),
     ZooCase("quasi_rnn", QuasiRNN, lambda: (sequence(),), set()),
+    ZooCase("layernorm_lstm", LayerNormLSTM, lambda: (sequence(),),
+            {("weight_hh", "recurrent", ALL, ALL, 4)}),
+    ZooCase("tuple_state_lstm", TupleStateLSTM,
+            lambda: (torch.randn(T, B, I), (torch.zeros(B, H), torch.zeros(B, H))),
+            {("weight_hh", "recurrent", ALL, ALL, 4)}),
+    ZooCase("block_assembled_dale", BlockAssembledRNN, lambda: (sequence(),),
+            {(f"w_{block}", "recurrent", ALL, ALL, 1) for block in ("ee", "ei", "ie", "ii")}),
+    ZooCase("bmm_expanded_weights", BatchedWeightRNN, lambda: (sequence(),),
+            {("W_rec", "recurrent", ALL, ALL, 1)}),
+    ZooCase("ct_rnn_column", ContinuousTimeRNN, lambda: (sequence(),),
+            {("W", "recurrent", ALL, ALL, 1)}),
+    ZooCase("sru", SimpleRecurrentUnit, lambda: (sequence(),),
+            {("v_f", "elementwise", ALL, ALL, 1)}),
 ]

@@ -98,6 +98,27 @@ def test_learnable_initial_state_does_not_hide_recurrence() -> None:
     assert [t.name for t in targets] == ["w_hh.weight"]
 
 
+def test_state_read_back_from_a_preallocated_tensor() -> None:
+    """Simulation style ``h[t + 1] = f(h[t])``: the read refers to ``h``, not to the
+    in-place copy of the previous step (not trainable as written, so not in the zoo)."""
+
+    class Preallocated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.W_in = nn.Parameter(torch.randn(H, I))
+            self.W_rec = nn.Parameter(torch.randn(H, H))
+
+        def forward(self, x):
+            h = torch.zeros(x.shape[1] + 1, x.shape[0], H)
+            for t in range(x.shape[1]):
+                h[t + 1] = torch.tanh(x[:, t] @ self.W_in.T + h[t] @ self.W_rec.T)
+            return h[1:]
+
+    targets = find_recurrent_targets(Preallocated(), (sequence(),))
+    assert [(t.name, t.kind, t.shape) for t in targets] == [("W_rec", "recurrent", (H, H))]
+    assert f"used at {T} steps" in targets[0].evidence
+
+
 def test_model_unchanged_by_discovery() -> None:
     torch.manual_seed(0)
     model, x = nn.LSTM(I, H, 2), torch.randn(T, B, I)
