@@ -325,8 +325,9 @@ def _propagate(graph: fx.Graph, uses: list[_Use], flow: _Dataflow, bits: dict[st
     """Bit sets per node: the parameters whose uses the node's value descends from.
 
     ``seed[n]``: parameters that use ``n`` applies; ``reach[n]``: seeds of all ancestors;
-    ``direct[n]``: the same without passing through matrix uses (IndRNN's ``u * h`` loop
-    must close without a weight matrix in between to count as elementwise recurrence).
+    ``direct[n]``: the same without passing through matrix uses. A loop that closes in
+    ``direct`` runs through no other weight: IndRNN's ``u * h`` counts as elementwise
+    recurrence only then, and a matrix is a hidden -> hidden ("recurrent") one only then.
     Only uses seed: a tied embedding lookup feeding its own decoder is no loop.
     """
     seed: dict = {}
@@ -479,6 +480,8 @@ class _Finding:
     labels: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     from_cat: bool = False
+    direct: bool = False  # some loop returns to it through no other weight
+    via: set = field(default_factory=set)  # weights whose outputs it reads, when not direct
 
     def selection(self) -> slice:
         merged, size = _merge(self.ranges), self.shape[self.in_dim]
@@ -517,9 +520,23 @@ class _Finding:
         evidence = f"{used}; {what} reads the output of an earlier use" if self.steps else label
         if gates > 1 and not self.gate_names:
             self.notes.append(f"output split into {gates} gates")
-        return Target(name=self.name, shape=self.shape, kind=self.kind, rows=rows, cols=cols,
+        kind = self.kind
+        if kind == "recurrent" and not self.direct:
+            kind = "linear"
+            evidence += self._loop_through_others()
+        return Target(name=self.name, shape=self.shape, kind=kind, rows=rows, cols=cols,
                       gates=gates, gate_names=self.gate_names if gates > 1 else (), module=module,
                       evidence="; ".join([evidence, *dict.fromkeys(self.notes)]))
+
+
+    def _loop_through_others(self) -> str:
+        """Evidence for a weight whose loop closes only through other weights (Mogrifier
+        Q/R, attention on the decoder state, E->I / I->E blocks, deep transitions)."""
+        via = sorted(self.via)
+        shown = ", ".join(via[:3]) + (" ..." if len(via) > 3 else "")
+        return ("; in the loop only through other weights" + (f" (it reads the output of {shown})"
+                if shown else "") + ": its input and output neurons are different populations, "
+                "so kind 'linear' (embedded separately), not a hidden -> hidden matrix")
 
 
 def _record(finding: _Finding, use: _Use, ranges, weight_shape) -> None:
@@ -548,6 +565,17 @@ def _record(finding: _Finding, use: _Use, ranges, weight_shape) -> None:
             finding.gates = _gate_count(use.node, use.out_dim)
 
 
+def _closes_directly(use: _Use, name: str, tables, bits: dict[str, int]) -> tuple[bool, set]:
+    """Whether the value ``use`` reads carries its own earlier output through no other weight
+    matrix (then input and output index the same state neurons); else the weights whose
+    outputs it reads instead."""
+    seed, _, direct = tables
+    carried = direct.get(use.data, 0) | seed.get(use.data, 0)
+    if carried & bits[name]:
+        return True, set()
+    return False, {other for other, bit in bits.items() if carried & bit}
+
+
 def _findings(uses: list[_Use], flow: _Dataflow, tables, bits: dict[str, int],
               shapes: dict[str, tuple[int, ...]]) -> dict[str, _Finding]:
     seed, reach, direct = tables
@@ -562,7 +590,7 @@ def _findings(uses: list[_Use], flow: _Dataflow, tables, bits: dict[str, int],
         for name in sorted(flow.sources[use.weight]):
             if use.kind == "elementwise" and len(shapes[name]) != 1:
                 continue
-            ranges = []
+            ranges, closes, via = [], True, set()
             if use.data is not None:
                 table, bit = (direct if use.kind == "elementwise" else reach), bits[name]
 
@@ -572,7 +600,10 @@ def _findings(uses: list[_Use], flow: _Dataflow, tables, bits: dict[str, int],
                 if not reaches(use.data):
                     continue
                 ranges = _input_ranges(use.data, use.data_dim, reaches)
+                closes, via = _closes_directly(use, name, tables, bits)
             finding = findings.setdefault(name, _Finding(name, shapes[name], use.kind))
+            finding.direct |= closes
+            finding.via |= via
             finding.steps = len(steps.get((name, use.label), ())) if use.data is not None else 0
             _record(finding, use, ranges, weight_shape)
     return findings

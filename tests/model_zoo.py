@@ -522,7 +522,10 @@ class AttentionSeq2Seq(nn.Module):
     By the pass's rule (a use that reads the output of an earlier use of the same weight)
     the decoder's W_hh, the context columns of its W_ih and the attention matrix applied to
     the decoder state are all in the loop; the token-embedding columns are not (argmax
-    breaks the dataflow)."""
+    breaks the dataflow). Only W_hh gets its own output back through no other weight, so
+    only it is a hidden -> hidden ("recurrent") matrix; the other two close the loop only
+    through W_hh and each other, and their input and output neurons differ (decoder state
+    -> query dims; encoder features -> decoder gates): kind "linear", embedded separately."""
 
     def __init__(self):
         super().__init__()
@@ -694,6 +697,61 @@ class SimpleRecurrentUnit(nn.Module):
         return torch.stack(outputs, 1)
 
 
+class MogrifierLSTM(nn.Module):
+    """Mogrifier LSTM (Melis et al. 2020): before each LSTMCell step, x and h gate each other
+    for five rounds, ``x *= 2 sigmoid(Q h)`` then ``h *= 2 sigmoid(R x)``, alternating.
+
+    Every weight is in the loop by the pass's rule (Q reads h; R, and the cell's W_ih,
+    read an x already gated by h). Only the cell's W_hh gets its own output back through
+    no other weight: the hidden -> hidden matrix. Q (H -> I), R (I -> H) and W_ih close
+    the loop only through other weights; their input and output neurons differ, so they
+    are kind "linear" (embedded separately)."""
+
+    def __init__(self, rounds: int = 5):
+        super().__init__()
+        self.rounds = rounds
+        self.cell = nn.LSTMCell(I, H)
+        self.mogrifier_list = nn.ModuleList(
+            [nn.Linear(H, I) if i % 2 == 0 else nn.Linear(I, H) for i in range(rounds)])
+
+    def mogrify(self, x, h):
+        for i, layer in enumerate(self.mogrifier_list):
+            if i % 2 == 0:
+                x = 2 * torch.sigmoid(layer(h)) * x
+            else:
+                h = 2 * torch.sigmoid(layer(x)) * h
+        return x, h
+
+    def forward(self, x):
+        h = c = x.new_zeros(x.shape[0], H)
+        for t in range(x.shape[1]):
+            x_t, h = self.mogrify(x[:, t], h)
+            h, c = self.cell(x_t, (h, c))
+        return h
+
+
+class TwoPopulationRNN(nn.Module):
+    """Excitatory and inhibitory populations with one Linear per block. E->E and I->I get
+    their own output back directly (recurrent); E->I and I->E only through each other,
+    mapping one population onto the other (kind "linear", embedded separately)."""
+
+    def __init__(self, excitatory: int = 4, inhibitory: int = 2):
+        super().__init__()
+        self.sizes = (excitatory, inhibitory)
+        self.input = nn.Linear(I, excitatory)
+        self.ee = nn.Linear(excitatory, excitatory, bias=False)
+        self.ei = nn.Linear(inhibitory, excitatory, bias=False)
+        self.ie = nn.Linear(excitatory, inhibitory, bias=False)
+        self.ii = nn.Linear(inhibitory, inhibitory, bias=False)
+
+    def forward(self, x):
+        e, i = x.new_zeros(x.shape[0], self.sizes[0]), x.new_zeros(x.shape[0], self.sizes[1])
+        for t in range(x.shape[1]):
+            e, i = (torch.relu(self.input(x[:, t]) + self.ee(e) - self.ei(i)),
+                    torch.relu(self.ie(e) - self.ii(i)))
+        return e
+
+
 @dataclass
 class ZooCase:
     """One model style with its example inputs and the targets the pass must find."""
@@ -776,8 +834,8 @@ ZOO = [
     ZooCase("attention_seq2seq", AttentionSeq2Seq, lambda: (torch.randint(0, 11, (B, 4)),),
             {("encoder.weight_hh_l0", "recurrent", ALL, ALL, 3),
              ("decoder.weight_hh", "recurrent", ALL, ALL, 3),
-             ("decoder.weight_ih", "recurrent", ALL, (I, I + H), 3),
-             ("attention.weight", "recurrent", ALL, ALL, 1)}),
+             ("decoder.weight_ih", "linear", ALL, (I, I + H), 3),
+             ("attention.weight", "linear", ALL, ALL, 1)}),
     ZooCase("quasi_rnn", QuasiRNN, lambda: (sequence(),), set()),
     ZooCase("layernorm_lstm", LayerNormLSTM, lambda: (sequence(),),
             {("weight_hh", "recurrent", ALL, ALL, 4)}),
@@ -792,4 +850,10 @@ ZOO = [
             {("W", "recurrent", ALL, ALL, 1)}),
     ZooCase("sru", SimpleRecurrentUnit, lambda: (sequence(),),
             {("v_f", "elementwise", ALL, ALL, 1)}),
+    ZooCase("mogrifier_lstm", MogrifierLSTM, lambda: (sequence(),),
+            {("cell.weight_hh", "recurrent", ALL, ALL, 4), ("cell.weight_ih", "linear", ALL, ALL, 4)}
+            | {(f"mogrifier_list.{i}.weight", "linear", ALL, ALL, 1) for i in range(5)}),
+    ZooCase("two_populations", TwoPopulationRNN, lambda: (sequence(),),
+            {("ee.weight", "recurrent", ALL, ALL, 1), ("ii.weight", "recurrent", ALL, ALL, 1),
+             ("ei.weight", "linear", ALL, ALL, 1), ("ie.weight", "linear", ALL, ALL, 1)}),
 ]

@@ -75,6 +75,19 @@ def test_elementwise_is_listed_not_regularized() -> None:
     assert target.kind == "elementwise" and target.regularize is False
 
 
+def test_loop_only_through_other_weights_is_linear_kind() -> None:
+    """The attention matrix reads the decoder state but gets its own output back only
+    through the decoder's weights: in the loop, yet not a hidden -> hidden matrix, so its
+    (square) block must not share one embedding between input and output neurons."""
+    _, targets = discover(next(c for c in ZOO if c.name == "attention_seq2seq"))
+    by_name = {t.name: t for t in targets}
+    attention = by_name["attention.weight"]
+    assert attention.kind == "linear" and not attention.is_square and attention.regularize
+    assert "only through other weights" in attention.evidence
+    assert "decoder.weight_hh" in attention.evidence
+    assert by_name["decoder.weight_hh"].is_square
+
+
 def test_parametrized_target_is_what_the_optimizer_updates() -> None:
     model, (target,) = discover(next(c for c in ZOO if c.name == "orthogonal_parametrized"))
     assert target.module == "recurrent"
