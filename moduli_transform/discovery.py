@@ -8,7 +8,9 @@ A target specification is a finder name, a parameter name, a ``"re:<regex>"`` pa
 * ``"types"``: nn.RNN/GRU/LSTM (every layer, direction, gate block, ``weight_hr`` with
   ``proj_size``) and RNNCell/GRUCell/LSTMCell, by type;
 * ``"graph"``: the dataflow pass only (needs example inputs);
-* ``"linear"`` / ``"conv"``: every nn.Linear / nn.Conv{1,2,3}d weight (paper appendix I).
+* ``"linear"`` / ``"conv"``: every nn.Linear / nn.Conv{1,2,3}d weight (paper appendix I);
+* ``"!<name>"`` / ``"!re:<regex>"``: drop what the other entries found (e.g. an attention
+  matrix the dataflow pass reports because it reads the state at every step).
 
 New finders plug in with :func:`register_finder`.
 """
@@ -60,6 +62,37 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+# Where a weight lives when the module's attribute is not itself the parameter: AWD-LSTM's
+# weight drop (``<w>_raw``), old-style spectral_norm (``<w>_orig``) and weight_norm
+# (``<w>_v``, the direction), and torch.nn.utils.parametrize (``original``; ``original1``
+# is weight_norm's direction).
+HELD_AS = ("{}", "{}_raw", "{}_orig", "{}_v", "parametrizations.{}.original",
+           "parametrizations.{}.original1")
+
+
+def _held_weight(module: nn.Module, attribute: str) -> tuple[str, nn.Parameter] | None:
+    """The parameter the optimizer updates for ``module.<attribute>``, with its name in
+    ``module`` (None when the module holds no such parameter)."""
+    parameters = dict(module.named_parameters())
+    for pattern in HELD_AS:
+        name = pattern.format(attribute)
+        if name in parameters and parameters[name].dim() == 2:
+            return name, parameters[name]
+    return None
+
+
+def _layer_target(prefix: str, module: nn.Module, attribute: str, evidence: str,
+                  gates: int = 1, gate_names: tuple[str, ...] = ()) -> list[Target]:
+    held = _held_weight(module, attribute)
+    if held is None:
+        return []
+    name, parameter = held
+    if name != attribute:
+        evidence += f" (held as {name})"
+    return [Target(name=_join(prefix, name), shape=tuple(parameter.shape), gates=gates,
+                   gate_names=gate_names, module=prefix, evidence=evidence)]
+
+
 def _rnn_targets(prefix: str, module: nn.RNNBase) -> list[Target]:
     gate_names, gates = RNN_GATES[type(module)] if type(module) in RNN_GATES else next(
         value for cls, value in RNN_GATES.items() if isinstance(module, cls))
@@ -67,16 +100,13 @@ def _rnn_targets(prefix: str, module: nn.RNNBase) -> list[Target]:
     suffixes = ["", "_reverse"] if module.bidirectional else [""]
     for layer in range(module.num_layers):
         for suffix in suffixes:
-            hh = f"weight_hh_l{layer}{suffix}"
-            targets.append(Target(
-                name=_join(prefix, hh), shape=tuple(getattr(module, hh).shape), gates=gates,
-                gate_names=gate_names, module=prefix,
-                evidence=f"{type(module).__name__} layer {layer}{suffix}: hidden -> hidden"))
+            targets += _layer_target(
+                prefix, module, f"weight_hh_l{layer}{suffix}", gates=gates, gate_names=gate_names,
+                evidence=f"{type(module).__name__} layer {layer}{suffix}: hidden -> hidden")
             if getattr(module, "proj_size", 0) > 0:
-                hr = f"weight_hr_l{layer}{suffix}"
-                targets.append(Target(
-                    name=_join(prefix, hr), shape=tuple(getattr(module, hr).shape), module=prefix,
-                    evidence=f"LSTM layer {layer}{suffix}: projection inside the recurrent loop"))
+                targets += _layer_target(
+                    prefix, module, f"weight_hr_l{layer}{suffix}",
+                    evidence=f"LSTM layer {layer}{suffix}: projection inside the recurrent loop")
     return targets
 
 
@@ -89,10 +119,8 @@ def find_by_layer_type(model: nn.Module, context: DiscoveryContext) -> list[Targ
             targets.extend(_rnn_targets(prefix, module))
         elif isinstance(module, tuple(CELL_GATES)):
             gate_names, gates = next(v for cls, v in CELL_GATES.items() if isinstance(module, cls))
-            targets.append(Target(
-                name=_join(prefix, "weight_hh"), shape=tuple(module.weight_hh.shape), gates=gates,
-                gate_names=gate_names, module=prefix,
-                evidence=f"{type(module).__name__}: hidden -> hidden"))
+            targets += _layer_target(prefix, module, "weight_hh", gates=gates, gate_names=gate_names,
+                                     evidence=f"{type(module).__name__}: hidden -> hidden")
     return targets
 
 
@@ -176,12 +204,18 @@ def discover_targets(model: nn.Module, spec: str | Sequence[str], context: Disco
     parameters = dict(model.named_parameters())
     items = [spec] if isinstance(spec, str) else list(spec)
     found: dict[str, Target] = {}
+    excluded: set[str] = set()
     for item in items:
         if not isinstance(item, str):
-            raise NoTargetsError(f"target {item!r} is not a string; expected a finder name, a parameter name or 're:<regex>'")
+            raise NoTargetsError(f"target {item!r} is not a string; expected a finder name, a parameter name, "
+                                 "'re:<regex>' or an exclusion '!<name or re:regex>'")
+        if item.startswith("!"):
+            excluded |= {t.name for t in _match_pattern(model, item[1:], parameters)}
+            continue
         targets = FINDERS[item](model, context) if item in FINDERS else _match_pattern(model, item, parameters)
         for target in targets:
             found.setdefault(target.name, target)
+    found = {name: target for name, target in found.items() if name not in excluded}
     if not found:
         raise NoTargetsError(
             f"nothing to regularize in {type(model).__name__} with targets={spec!r}. "

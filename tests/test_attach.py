@@ -75,6 +75,19 @@ def test_explicit_targets_and_linear_conv_kinds():
     assert [t.name for t in named.targets] == ["rnn.weight_hh_l0"]
 
 
+
+def test_exclusions_drop_what_other_entries_found():
+    from model_zoo import AttentionSeq2Seq
+
+    model = AttentionSeq2Seq()
+    inputs = (torch.randint(0, 11, (2, 4)),)
+    handle = mt.attach(model, example_inputs=inputs, targets=["recurrent", "!attention.weight", "!re:decoder\\.weight_ih"])
+    assert {t.name for t in handle.targets} == {"encoder.weight_hh_l0", "decoder.weight_hh"}
+    with pytest.raises(ValueError, match="'nope' matches no parameter"):
+        mt.attach(model, example_inputs=inputs, targets=["recurrent", "!nope"])
+    with pytest.raises(ValueError, match="nothing to regularize"):
+        mt.attach(nn.RNN(3, 4), targets=["recurrent", "!weight_hh_l0"])
+
 # -- bad input --------------------------------------------------------------------------
 @pytest.mark.parametrize("options, message", [
     (dict(manifold="toruss"), "unknown manifold 'toruss'"),
