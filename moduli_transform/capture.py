@@ -113,6 +113,17 @@ def _where(error: BaseException) -> str:
     return where
 
 
+def _script_hint(model: nn.Module) -> str:
+    """TorchScript modules (fastrnns' jit.ScriptModule cells) are opaque to export."""
+    scripted = [name or type(model).__name__ for name, module in model.named_modules()
+                if isinstance(module, torch.jit.ScriptModule)]
+    if not scripted:
+        return ""
+    return (f" TorchScript modules ({', '.join(scripted[:3])}) cannot be traced: run with the "
+            "environment variable PYTORCH_JIT=0 set before torch is imported (jit.script_method "
+            "and torch.jit.script then leave the code in Python), or name the weights.")
+
+
 def _types_hint(model: nn.Module) -> str:
     """What targets='types' would find here, so the error can name a working way out."""
     from .discovery import DiscoveryContext, find_by_layer_type
@@ -140,7 +151,9 @@ def capture(model: nn.Module, example_inputs: tuple, method: str = "forward",
     name = type(model).__name__
     if not callable(getattr(model, method, None)):
         raise GraphCaptureError(f"{name} has no method {method!r} to trace. {WAYS_OUT}")
-    root, prefix = (model, "") if method == "forward" else (_MethodCall(model, method), "model.")
+    # export refuses a ScriptModule root even when PYTORCH_JIT=0 left its code in Python
+    wrap = method != "forward" or isinstance(model, torch.jit.ScriptModule)
+    root, prefix = (_MethodCall(model, method), "model.") if wrap else (model, "")
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     try:
         with _quiet_export(), _restoring_attributes(model):
@@ -151,7 +164,7 @@ def capture(model: nn.Module, example_inputs: tuple, method: str = "forward",
             f"could not capture {name}.{method}() with torch.export{_where(error)} "
             f"({type(error).__name__}: {detail}). Data-dependent control flow (Python `if`/"
             f"`while` on tensor values), data-dependent sizes (PackedSequence lengths) and "
-            f"unsupported ops stop the capture.{_types_hint(model)} {WAYS_OUT}"
+            f"unsupported ops stop the capture.{_script_hint(model)}{_types_hint(model)} {WAYS_OUT}"
         ) from error
     return program, prefix
 

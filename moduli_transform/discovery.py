@@ -81,6 +81,10 @@ def _held_weight(module: nn.Module, attribute: str) -> tuple[str, nn.Parameter] 
     return None
 
 
+def _type_name(module: nn.Module) -> str:
+    return type(module).__name__.removeprefix("Parametrized")
+
+
 def _layer_target(prefix: str, module: nn.Module, attribute: str, evidence: str,
                   gates: int = 1, gate_names: tuple[str, ...] = ()) -> list[Target]:
     held = _held_weight(module, attribute)
@@ -102,7 +106,7 @@ def _rnn_targets(prefix: str, module: nn.RNNBase) -> list[Target]:
         for suffix in suffixes:
             targets += _layer_target(
                 prefix, module, f"weight_hh_l{layer}{suffix}", gates=gates, gate_names=gate_names,
-                evidence=f"{type(module).__name__} layer {layer}{suffix}: hidden -> hidden")
+                evidence=f"{_type_name(module)} layer {layer}{suffix}: hidden -> hidden")
             if getattr(module, "proj_size", 0) > 0:
                 targets += _layer_target(
                     prefix, module, f"weight_hr_l{layer}{suffix}",
@@ -120,7 +124,7 @@ def find_by_layer_type(model: nn.Module, context: DiscoveryContext) -> list[Targ
         elif isinstance(module, tuple(CELL_GATES)):
             gate_names, gates = next(v for cls, v in CELL_GATES.items() if isinstance(module, cls))
             targets += _layer_target(prefix, module, "weight_hh", gates=gates, gate_names=gate_names,
-                                     evidence=f"{type(module).__name__}: hidden -> hidden")
+                                     evidence=f"{_type_name(module)}: hidden -> hidden")
     return targets
 
 

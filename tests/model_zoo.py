@@ -752,6 +752,38 @@ class TwoPopulationRNN(nn.Module):
         return e
 
 
+class StatefulGRU(nn.Module):
+    """The hidden state carried across forward calls as an attribute (``self.hidden =
+    h.detach()``, truncated BPTT over consecutive batches); tracing must not leave a
+    traced tensor behind in it."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(I, H, batch_first=True)
+        self.fc = nn.Linear(H, O)
+        self.hidden = None
+
+    def forward(self, x):
+        out, h = self.gru(x, self.hidden)
+        self.hidden = h.detach()
+        return self.fc(out)
+
+
+class PackedSequenceLSTM(nn.Module):
+    """Variable-length batches: ``pack_padded_sequence`` -> nn.LSTM -> last hidden state.
+    The packed batch sizes are data, so torch.export cannot capture it (see NOT_CAPTURED)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(I, H, batch_first=True)
+        self.fc = nn.Linear(H, O)
+
+    def forward(self, x, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        _, (h, _) = self.lstm(packed)
+        return self.fc(h[-1])
+
+
 @dataclass
 class ZooCase:
     """One model style with its example inputs and the targets the pass must find."""
@@ -761,6 +793,7 @@ class ZooCase:
     inputs: Callable[[], tuple]
     expected: set = field(default_factory=set)
     method: str = "forward"
+    targets: object = "recurrent"  # for NOT_CAPTURED: the way out the ground truth is for
 
 
 LSTM_HH, GRU_HH = (4 * H, H), (3 * H, H)
@@ -856,4 +889,15 @@ ZOO = [
     ZooCase("two_populations", TwoPopulationRNN, lambda: (sequence(),),
             {("ee.weight", "recurrent", ALL, ALL, 1), ("ii.weight", "recurrent", ALL, ALL, 1),
              ("ei.weight", "linear", ALL, ALL, 1), ("ie.weight", "linear", ALL, ALL, 1)}),
+    ZooCase("stateful_hidden", StatefulGRU, lambda: (sequence(),),
+            {("gru.weight_hh_l0", "recurrent", ALL, ALL, 3)}),
+]
+
+# Models torch.export cannot capture: the pass must raise GraphCaptureError naming the ways
+# out, and the way out in ``targets`` must give ``expected``.
+NOT_CAPTURED = [
+    ZooCase("packed_sequence", PackedSequenceLSTM, lambda: (sequence(), torch.tensor([T, T - 1])),
+            {("lstm.weight_hh_l0", "recurrent", ALL, ALL, 4)}, targets="types"),
+    ZooCase("data_dependent_exit", DataDependentRNN, lambda: (sequence(),),
+            {("cell.weight_hh", "recurrent", ALL, ALL, 1)}, targets="types"),
 ]

@@ -46,6 +46,21 @@ def test_discovery_by_layer_type(module, expected):
         assert dict(module.named_parameters())[target.name].shape == target.shape
 
 
+def test_layer_types_report_the_parameter_that_holds_the_weight():
+    """AWD-LSTM's weight drop deletes weight_hh_l0 (weight_hh_l0_raw is what the optimizer
+    updates; no forward has run yet), parametrizations keep it as ``original``."""
+    from model_zoo import WeightDropLSTM
+
+    for spec in ("types", ["rnn.weight_hh_l0_raw"]):
+        handle = mt.attach(WeightDropLSTM(), targets=spec, sparsity=0.5, total_steps=1)
+        assert [(t.name, t.gates) for t in handle.targets] == [("rnn.weight_hh_l0_raw", 4)]
+        assert "held as weight_hh_l0_raw" in handle.targets[0].evidence
+    rnn = nn.utils.parametrizations.orthogonal(nn.RNN(3, 8), "weight_hh_l0")
+    (target,) = mt.attach(rnn, targets="types").targets
+    assert target.name == "parametrizations.weight_hh_l0.original"
+    assert target.evidence.startswith("RNN layer 0")
+
+
 def test_lstm_proj_size_gets_separate_row_and_column_embeddings():
     handle = mt.attach(nn.LSTM(3, 8, proj_size=4))
     reg = handle.regularizers["weight_hh_l0"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import moduli_transform as mt
-from model_zoo import ZOO
+from model_zoo import NOT_CAPTURED, ZOO
 
 CASES = [case for case in ZOO if any(kind != "elementwise" for _, kind, *_ in case.expected)]
 
@@ -25,9 +25,26 @@ def _loss(model, method, inputs):
 def test_attach_prunes_only_the_recurrent_block(case):
     torch.manual_seed(0)
     model = case.factory()
-    inputs = case.inputs()
-    handle = mt.attach(model, example_inputs=inputs, method=case.method, sparsity=0.5,
+    handle = mt.attach(model, example_inputs=case.inputs(), method=case.method, sparsity=0.5,
                        total_steps=1, auto=True, strength=0.01)
+    _train_and_check(model, handle, case)
+
+
+@pytest.mark.parametrize("case", NOT_CAPTURED, ids=lambda c: c.name)
+def test_the_way_out_works_where_export_cannot_capture(case):
+    """The models torch.export cannot capture: the way out (targets='types', names) gives
+    the ground truth and trains and prunes like the others."""
+    torch.manual_seed(0)
+    model = case.factory()
+    handle = mt.attach(model, targets=case.targets, sparsity=0.5, total_steps=1, auto=True,
+                       strength=0.01)
+    assert {(t.name, t.kind, t.gates) for t in handle.targets} == {
+        (name, kind, gates) for name, kind, _, _, gates in case.expected}
+    _train_and_check(model, handle, case)
+
+
+def _train_and_check(model, handle, case):
+    inputs = case.inputs()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     for _ in range(2):

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from model_zoo import ALL, B, H, I, T, ZOO, DataDependentRNN, StepModel, ZooCase, sequence
+from model_zoo import (ALL, B, H, I, NOT_CAPTURED, T, ZOO, DataDependentRNN, StatefulGRU, StepModel,
+                       WeightDropLSTM, ZooCase, sequence)
 from moduli_transform.graph import GraphCaptureError, find_recurrent_targets
 from moduli_transform.inspection import format_targets, register
 
@@ -161,6 +162,57 @@ def test_data_dependent_control_flow_raises_with_ways_out() -> None:
     assert isinstance(error.value, ValueError)
     assert "DataDependentRNN" in message
     assert "method=" in message and "targets='types'" in message and "re:" in message
+
+
+@pytest.mark.parametrize("case", NOT_CAPTURED, ids=[case.name for case in NOT_CAPTURED])
+def test_not_captured_names_the_line_and_the_ways_out(case: ZooCase) -> None:
+    with pytest.raises(GraphCaptureError) as error:
+        find_recurrent_targets(case.factory(), case.inputs(), method=case.method)
+    message = str(error.value)
+    assert type(case.factory()).__name__ in message and "at model_zoo.py:" in message
+    assert "method=" in message and "targets='types'" in message and "re:" in message
+    if case.targets == "types":  # the message names what that way out finds here
+        assert all(name in message for name, *_ in case.expected)
+
+
+def test_torchscript_modules_get_a_hint() -> None:
+    class ScriptedCell(torch.jit.ScriptModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight_hh = nn.Parameter(torch.randn(H, H))
+
+        @torch.jit.script_method
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(torch.mm(h, self.weight_hh.t()))
+
+    class Loop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = ScriptedCell()
+
+        def forward(self, x):
+            h = x[:, 0, :1].expand(-1, H)
+            for _ in range(x.shape[1]):
+                h = self.cell(h)
+            return h
+
+    with pytest.raises(GraphCaptureError, match="PYTORCH_JIT=0"):
+        find_recurrent_targets(Loop(), (sequence(),))
+
+
+def test_traced_code_leaves_no_tensor_on_the_model() -> None:
+    """AWD's weight drop sets rnn.weight_hh_l0 and a stateful model sets self.hidden inside
+    forward; after discovery both are as before (no fake tensor of the trace left)."""
+    awd, stateful = WeightDropLSTM(), StatefulGRU()
+    find_recurrent_targets(awd, (sequence(),))
+    find_recurrent_targets(stateful, (sequence(),))
+    assert "weight_hh_l0" not in awd.rnn.__dict__ and stateful.hidden is None
+    assert all(type(w) is nn.Parameter for w in awd.rnn._flat_weights if w is not None)
+    stateful(sequence())
+    carried = stateful.hidden
+    find_recurrent_targets(stateful, (sequence(),))
+    assert stateful.hidden is carried
+    awd(sequence()), stateful(sequence())
 
 
 def test_unknown_method_raises() -> None:
