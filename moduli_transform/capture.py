@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import operator
 import os
 import traceback
 import warnings
@@ -20,7 +21,7 @@ import warnings
 import torch
 from torch import nn
 
-__all__ = ["GraphCaptureError", "WAYS_OUT", "capture", "parameter_names", "user_inputs"]
+__all__ = ["GraphCaptureError", "WAYS_OUT", "capture", "flat_graph", "parameter_names", "user_inputs"]
 
 WAYS_OUT = (
     "Ways out: (1) if training calls another method, or one without the untraceable part "
@@ -167,6 +168,42 @@ def capture(model: nn.Module, example_inputs: tuple, method: str = "forward",
             f"unsupported ops stop the capture.{_script_hint(model)}{_types_hint(model)} {WAYS_OUT}"
         ) from error
     return program, prefix
+
+
+# Higher-order ops that only call their body on the operands after it, inside a context
+# (torch.no_grad() burn-in steps, torch.autocast, activation checkpointing).
+_REGION_OPS = {"wrap_with_set_grad_enabled", "wrap_with_autocast", "tag_activation_checkpoint", "wrap"}
+
+
+def flat_graph(program: torch.export.ExportedProgram) -> torch.fx.Graph:
+    """The program's graph with the bodies of region ops copied in place of the calls, so
+    the steps run under ``torch.no_grad()`` or ``autocast`` are seen like the others."""
+    module = program.graph_module
+    _inline_regions(module)
+    return module.graph
+
+
+def _inline_regions(module: torch.fx.GraphModule) -> None:
+    graph = module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or getattr(node.target, "__name__", "") not in _REGION_OPS:
+            continue
+        index = next((i for i, a in enumerate(node.args) if isinstance(a, torch.fx.Node)
+                      and a.op == "get_attr"), None)
+        body = getattr(module, node.args[index].target, None) if index is not None else None
+        if not isinstance(body, torch.fx.GraphModule):
+            continue
+        _inline_regions(body)
+        placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+        with graph.inserting_before(node):
+            outputs = graph.graph_copy(body.graph, dict(zip(placeholders, node.args[index + 1:])))
+        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        for user in list(node.users):
+            if user.target is operator.getitem:
+                user.replace_all_uses_with(outputs[user.args[1]])
+                graph.erase_node(user)
+        if not node.users:
+            graph.erase_node(node)
 
 
 def parameter_names(model: nn.Module, program, prefix: str) -> dict[str, str]:

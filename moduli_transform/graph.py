@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-from .capture import GraphCaptureError, capture, parameter_names, user_inputs
+from .capture import GraphCaptureError, capture, flat_graph, parameter_names, user_inputs
 from .targets import Target
 
 __all__ = ["GraphCaptureError", "capture", "find_recurrent_targets"]
@@ -632,7 +632,7 @@ def find_recurrent_targets(model: nn.Module, example_inputs: tuple, method: str 
         [('weight_hh_l0', 3), ('weight_hh_l1', 3)]
     """
     program, prefix = capture(model, example_inputs, method, example_kwargs)
-    graph = program.graph_module.graph
+    graph = flat_graph(program)
     parameters = parameter_names(model, program, prefix)
     flow = _classify(graph, parameters, user_inputs(program))
     uses = [use for node in graph.nodes

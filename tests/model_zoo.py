@@ -784,6 +784,43 @@ class PackedSequenceLSTM(nn.Module):
         return self.fc(h[-1])
 
 
+class BurnInRNN(nn.Module):
+    """R2D2-style burn-in: the first steps only warm the state up under ``torch.no_grad()``
+    (a region op with its own subgraph in the captured program), the rest train."""
+
+    def __init__(self, burn_in: int = 2):
+        super().__init__()
+        self.burn_in = burn_in
+        self.x2h, self.h2h = nn.Linear(I, H), nn.Linear(H, H)
+
+    def step(self, x_t, h):
+        return torch.tanh(self.x2h(x_t) + self.h2h(h))
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], H)
+        with torch.no_grad():
+            for t in range(self.burn_in):
+                h = self.step(x[:, t], h)
+        for t in range(self.burn_in, x.shape[1]):
+            h = self.step(x[:, t], h)
+        return h
+
+
+class AutocastRNN(nn.Module):
+    """Mixed precision chosen inside forward: the loop runs under ``torch.autocast``."""
+
+    def __init__(self):
+        super().__init__()
+        self.x2h, self.h2h = nn.Linear(I, H), nn.Linear(H, H)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], H)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for t in range(x.shape[1]):
+                h = torch.tanh(self.x2h(x[:, t]) + self.h2h(h))
+        return h.float()
+
+
 @dataclass
 class ZooCase:
     """One model style with its example inputs and the targets the pass must find."""
@@ -891,6 +928,10 @@ ZOO = [
              ("ei.weight", "linear", ALL, ALL, 1), ("ie.weight", "linear", ALL, ALL, 1)}),
     ZooCase("stateful_hidden", StatefulGRU, lambda: (sequence(),),
             {("gru.weight_hh_l0", "recurrent", ALL, ALL, 3)}),
+    ZooCase("no_grad_burn_in", BurnInRNN, lambda: (sequence(),),
+            {("h2h.weight", "recurrent", ALL, ALL, 1)}),
+    ZooCase("autocast_inside", AutocastRNN, lambda: (sequence(),),
+            {("h2h.weight", "recurrent", ALL, ALL, 1)}),
 ]
 
 # Models torch.export cannot capture: the pass must raise GraphCaptureError naming the ways
