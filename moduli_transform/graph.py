@@ -1,25 +1,30 @@
 """The dataflow pass: find the recurrent weights of any model from a captured graph.
 
 A weight is recurrent when one of its uses reads a value computed from an earlier use of
-the same weight. The pass captures the model with ``torch.export`` (non-strict, training
-IR: Python loops are unrolled, ``nn.RNN/GRU/LSTM`` stay single ``aten.lstm``/``aten.gru``/
-``aten.rnn_*`` ops with their flat weight lists) and then:
+the same weight. The pass captures the model with ``torch.export`` (:mod:`.capture`:
+non-strict, training IR; Python loops are unrolled, ``nn.RNN/GRU/LSTM`` stay single
+``aten.lstm``/``aten.gru``/``aten.rnn_*`` ops with their flat weight lists; ``no_grad`` /
+``autocast`` regions are inlined) and then:
 
 1. marks every node as data (depends on a user input), parameter-derived (computed from
-   parameters and buffers only: ``W * mask``, parametrizations) or constant;
+   parameters and buffers only: ``W * mask``, parametrizations, a weight assembled in
+   place) or constant; an in-place write counts for later reads of the tensor written;
 2. finds the *uses* of each parameter: ops that apply a parameter-derived weight to data
-   (``linear``, ``matmul``/``mm``/``addmm`` either way round, ``conv``, the ``*_cell`` ops,
-   the fused RNN ops, and ``u * h`` with a 1-D ``u``);
+   (``linear``, ``matmul``/``mm``/``bmm``/``addmm``/``mv`` either way round, ``einsum``,
+   ``conv``, the ``*_cell`` ops, the fused RNN ops, and ``u * h`` with a 1-D ``u``);
 3. propagates, in one topological sweep, a bit set per node naming the parameters whose
-   uses it descends from (integer tensors, e.g. sampled tokens, carry no bits);
-4. a use whose data operand carries its own parameter's bit is recurrent; walking back
-   through ``cat``/transposes tells which slice of the input (so which rows or columns of
-   the weight) reads the earlier output; ``chunk``/``split`` of the output gives gates.
+   uses it descends from (integer tensors, e.g. sampled tokens, carry no bits), once
+   through everything and once stopping at weight matrices;
+4. a use whose data operand carries its own parameter's bit is in the loop. It is a
+   hidden -> hidden matrix (kind "recurrent") when the bit arrives through no other weight,
+   otherwise a map between two populations inside the loop (kind "linear": Mogrifier Q/R,
+   attention on the decoder state). :mod:`.layout` walks back through ``cat``/transposes
+   to the slice of the input (so the rows or columns of the weight) that reads the
+   earlier output, and finds the gate blocks the output is cut into.
 
 Example inputs need at least two time steps (T=2 or 3 is enough): with one step no use
 can depend on an earlier one.
 """
-
 from __future__ import annotations
 
 import operator
@@ -30,6 +35,8 @@ import torch
 from torch import fx, nn
 
 from .capture import GraphCaptureError, capture, flat_graph, parameter_names, user_inputs
+from .layout import CATS as _CATS, gate_count, input_ranges, merge_ranges
+from .layout import node_arg as _arg, node_shape as _shape, node_value as _value
 from .targets import Target
 
 __all__ = ["GraphCaptureError", "capture", "find_recurrent_targets"]
@@ -39,21 +46,6 @@ aten = torch.ops.aten
 DATA, PARAM, CONST = "data", "param", "const"
 
 # --------------------------------------------------------------------------- node states
-
-
-def _value(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
-def _shape(node) -> tuple[int, ...]:
-    value = _value(node)
-    return tuple(value.shape) if isinstance(value, torch.Tensor) else ()
-
-
-def _arg(node: fx.Node, index: int, name: str, default):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
 
 
 @dataclass
@@ -352,115 +344,6 @@ def _propagate(graph: fx.Graph, uses: list[_Use], flow: _Dataflow, bits: dict[st
     return seed, reach, direct
 
 
-_CATS = {aten.cat.default, aten.concat.default, aten.concatenate.default}
-_SAME_LAYOUT = {aten.clone.default, aten.contiguous.default, aten.dropout.default,
-                aten.alias.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout,
-                aten.type_as.default, aten.detach.default}
-
-
-def _layout_source(node: fx.Node, dim: int, ndim: int) -> tuple[fx.Node, int] | None:
-    """The input and its dim that ``dim`` of a re-layout op's output comes from (None when
-    ``node`` is no such op, or ``dim`` is one it reduces or creates)."""
-    target, source = node.target, node.args[0] if node.args else None
-    if target is aten.t.default and ndim == 2 or target is aten.numpy_T.default:
-        return source, ndim - 1 - dim
-    if target is aten.mT.default:
-        return source, {ndim - 1: ndim - 2, ndim - 2: ndim - 1}.get(dim, dim)
-    if target is aten.transpose.int:
-        first, second = (d % ndim for d in node.args[1:3])
-        return source, {first: second, second: first}.get(dim, dim)
-    if target is aten.permute.default:
-        return source, node.args[1][dim] % ndim
-    if target in _SAME_LAYOUT:
-        return source, dim
-    if target is aten.select.int:
-        selected = node.args[1] % (ndim + 1)
-        return source, dim if dim < selected else dim + 1
-    if target is aten.unsqueeze.default:
-        added = node.args[1] % ndim
-        return None if dim == added else (source, dim if dim < added else dim - 1)
-    if target is aten.slice.Tensor and _arg(node, 1, "dim", 0) % ndim != dim:
-        return source, dim
-    return None
-
-
-def _input_ranges(node, dim: int, reaches: Callable) -> list[tuple[int, int]]:
-    """Index ranges along ``dim`` of ``node`` whose values reach an earlier use."""
-    if not isinstance(node, fx.Node) or not reaches(node):
-        return []
-    shape = _shape(node)
-    if not shape:
-        return []
-    dim %= len(shape)
-    if node.target in _CATS:
-        pieces, cat_dim = node.args[0], _arg(node, 1, "dim", 0) % len(shape)
-        if cat_dim != dim:
-            return [r for piece in pieces for r in _input_ranges(piece, dim, reaches)]
-        ranges, offset = [], 0
-        for piece in pieces:
-            ranges += [(offset + a, offset + b) for a, b in _input_ranges(piece, dim, reaches)]
-            offset += _shape(piece)[dim] if _shape(piece) else 0
-        return ranges
-    found = _layout_source(node, dim, len(shape))
-    # a view whose source does not reach got its value from an in-place write: all of it
-    if found is not None and reaches(found[0]):
-        return _input_ranges(*found, reaches)
-    return [(0, shape[dim])]
-
-
-def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged: list[tuple[int, int]] = []
-    for start, stop in sorted(ranges):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(stop, merged[-1][1]))
-        else:
-            merged.append((start, stop))
-    return merged
-
-
-_SPLITS = {aten.chunk.default, aten.unsafe_chunk.default, aten.split.Tensor,
-           aten.unsafe_split.Tensor, aten.split_with_sizes.default,
-           aten.unsafe_split_with_sizes.default}
-# Ops between a weight's output and the chunk/split into gates that keep the gate layout
-# (the shape is checked too): bias adds, sums of the input and recurrent parts, and the
-# gate nonlinearity when it is applied before the split, layer/batch norm of the gates
-# (LayerNorm LSTM, recurrent batch normalization).
-_GATE_PASS = {aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.clone.default,
-              aten.contiguous.default, aten.sigmoid.default, aten.tanh.default, aten.relu.default,
-              aten.hardsigmoid.default, aten.mul.Tensor, aten.addmm.default,
-              aten.layer_norm.default, aten.batch_norm.default, aten.dropout.default}
-
-
-def _split_count(node: fx.Node, dim: int, size: int) -> int:
-    shape = _shape(node.args[0])
-    if _arg(node, 2, "dim", 0) % len(shape) != dim:
-        return 1
-    if node.target in (aten.chunk.default, aten.unsafe_chunk.default):
-        return node.args[1] if size % node.args[1] == 0 else 1
-    sizes = node.args[1]
-    if isinstance(sizes, int):
-        return size // sizes if size % sizes == 0 else 1
-    return len(sizes) if len(set(sizes)) == 1 else 1
-
-
-def _gate_count(node: fx.Node, out_dim: int, depth: int = 3) -> int:
-    """Number of equal chunks the output is split into along ``out_dim`` (1 when not)."""
-    shape = _shape(node)
-    if not shape:
-        return 1
-    dim, frontier = out_dim % len(shape), [node]
-    for _ in range(depth):
-        following = []
-        for current in frontier:
-            for user in current.users:
-                if user.target in _SPLITS:
-                    return _split_count(user, dim, shape[dim])
-                if user.target in _GATE_PASS and _shape(user) == shape:
-                    following.append(user)
-        frontier = following
-    return 1
-
-
 # --------------------------------------------------------------------------- targets
 
 
@@ -484,7 +367,7 @@ class _Finding:
     via: set = field(default_factory=set)  # weights whose outputs it reads, when not direct
 
     def selection(self) -> slice:
-        merged, size = _merge(self.ranges), self.shape[self.in_dim]
+        merged, size = merge_ranges(self.ranges), self.shape[self.in_dim]
         if self.full or not merged or merged == [(0, size)]:
             return slice(None)
         if len(merged) > 1:
@@ -561,8 +444,14 @@ def _record(finding: _Finding, use: _Use, ranges, weight_shape) -> None:
         finding.from_cat |= use.data.target in _CATS
     if not finding.gates:
         finding.gates, finding.gate_names = use.gates, use.gate_names
-        if use.out_dim is not None and finding.in_dim == 1:
-            finding.gates = _gate_count(use.node, use.out_dim)
+        if use.out_dim is not None:
+            width = sum(b - a for a, b in merge_ranges(ranges)) or _shape(use.data)[use.data_dim]
+            gates = gate_count(use.node, use.out_dim, width)
+            if finding.in_dim == 1:
+                finding.gates = gates
+            elif gates > 1:  # stored (in, out): the gate blocks are columns, Target has rows
+                finding.notes.append(f"output cut into {gates} gates along the parameter's "
+                                     "dim 1, treated as one block")
 
 
 def _closes_directly(use: _Use, name: str, tables, bits: dict[str, int]) -> tuple[bool, set]:
@@ -599,7 +488,7 @@ def _findings(uses: list[_Use], flow: _Dataflow, tables, bits: dict[str, int],
 
                 if not reaches(use.data):
                     continue
-                ranges = _input_ranges(use.data, use.data_dim, reaches)
+                ranges = input_ranges(use.data, use.data_dim, reaches)
                 closes, via = _closes_directly(use, name, tables, bits)
             finding = findings.setdefault(name, _Finding(name, shapes[name], use.kind))
             finding.direct |= closes

@@ -821,6 +821,63 @@ class AutocastRNN(nn.Module):
         return h.float()
 
 
+class SlicedGatesLSTM(nn.Module):
+    """Gates by slicing the pre-activation (a sigmoid on the first three blocks, a tanh on
+    the last, then slices again), time-major with a leading length-1 dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.i2h, self.h2h = nn.Linear(I, 4 * H), nn.Linear(H, 4 * H)
+
+    def forward(self, x):
+        h = c = x.new_zeros(1, x.shape[1], H)
+        for t in range(x.shape[0]):
+            preact = self.i2h(x[t:t + 1]) + self.h2h(h)
+            gates, g_t = preact[:, :, :3 * H].sigmoid(), preact[:, :, 3 * H:].tanh()
+            i_t, f_t, o_t = gates[:, :, :H], gates[:, :, H:2 * H], gates[:, :, -H:]
+            c = torch.mul(c, f_t) + torch.mul(i_t, g_t)
+            h = torch.mul(o_t, c.tanh())
+        return h[0]
+
+
+class ViewGatesLSTM(nn.Module):
+    """Gates as ``pre.view(B, 4, H).unbind(1)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.x2h, self.h2h = nn.Linear(I, 4 * H), nn.Linear(H, 4 * H)
+
+    def forward(self, x):
+        h = c = x.new_zeros(x.shape[0], H)
+        for t in range(x.shape[1]):
+            i, f, g, o = (self.x2h(x[:, t]) + self.h2h(h)).view(-1, 4, H).unbind(1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+        return h
+
+
+class InOutGatesLSTM(nn.Module):
+    """"LSTM by hand" tutorial style: ``x @ W + h @ U + bias`` with U stored (in, out) =
+    (H, 4H) and gates sliced from the columns. Target gates are row blocks, so U is one
+    (H, 4H) block (separate row and column embeddings); the evidence says so."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(I, 4 * H) * 0.3)
+        self.U = nn.Parameter(torch.randn(H, 4 * H) * 0.3)
+        self.bias = nn.Parameter(torch.zeros(4 * H))
+
+    def forward(self, x):
+        h_t = c_t = torch.zeros(x.shape[0], H)
+        for t in range(x.shape[1]):
+            gates = x[:, t, :] @ self.W + h_t @ self.U + self.bias
+            i_t, f_t = torch.sigmoid(gates[:, :H]), torch.sigmoid(gates[:, H:2 * H])
+            g_t, o_t = torch.tanh(gates[:, 2 * H:3 * H]), torch.sigmoid(gates[:, 3 * H:])
+            c_t = f_t * c_t + i_t * g_t
+            h_t = o_t * torch.tanh(c_t)
+        return h_t
+
+
 @dataclass
 class ZooCase:
     """One model style with its example inputs and the targets the pass must find."""
@@ -932,6 +989,12 @@ ZOO = [
             {("h2h.weight", "recurrent", ALL, ALL, 1)}),
     ZooCase("autocast_inside", AutocastRNN, lambda: (sequence(),),
             {("h2h.weight", "recurrent", ALL, ALL, 1)}),
+    ZooCase("sliced_gates_lstm", SlicedGatesLSTM, lambda: (torch.randn(T, B, I),),
+            {("h2h.weight", "recurrent", ALL, ALL, 4)}),
+    ZooCase("view_gates_lstm", ViewGatesLSTM, lambda: (sequence(),),
+            {("h2h.weight", "recurrent", ALL, ALL, 4)}),
+    ZooCase("in_out_gates_lstm", InOutGatesLSTM, lambda: (sequence(),),
+            {("U", "recurrent", ALL, ALL, 1)}),
 ]
 
 # Models torch.export cannot capture: the pass must raise GraphCaptureError naming the ways

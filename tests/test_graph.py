@@ -71,6 +71,27 @@ def test_evidence_reports_slice_and_orientation() -> None:
     assert "h @ W" in raw.evidence and f"row slice {I}:{I + H}" in raw.evidence
 
 
+def test_state_sliced_into_populations_is_not_a_gate_split() -> None:
+    """``h[:, :4]`` and ``h[:, 4:]`` read as two populations must not make W 2 gates; slices
+    count as gates only when each block is as wide as the state W reads."""
+
+    class Halves(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w_in, self.w = nn.Linear(I, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            h, outputs = x.new_zeros(x.shape[0], 8), []
+            for t in range(x.shape[1]):
+                h = torch.tanh(self.w_in(x[:, t]) + self.w(h))
+                outputs.append(h[:, :4].sum(1) - h[:, 4:].sum(1))
+            return torch.stack(outputs, 1)
+
+    assert [(t.name, t.gates) for t in find_recurrent_targets(Halves(), (sequence(),))] == [("w.weight", 1)]
+    _, (in_out,) = discover(next(c for c in ZOO if c.name == "in_out_gates_lstm"))
+    assert "cut into 4 gates along the parameter's dim 1" in in_out.evidence
+
+
 def test_elementwise_is_listed_not_regularized() -> None:
     _, (target,) = discover(next(c for c in ZOO if c.name == "indrnn"))
     assert target.kind == "elementwise" and target.regularize is False
