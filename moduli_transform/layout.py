@@ -141,8 +141,8 @@ def _split_cuts(node: fx.Node, size: int) -> set[int]:
 
 def _cuts(node: fx.Node, dim: int, offset: int, depth: int, passing: set) -> tuple[set, set]:
     """Offsets along ``dim`` (shifted by ``offset``) where the users of ``node`` cut it:
-    those of chunk/split/view, and those of slices (weaker evidence: a state sliced into
-    two populations looks the same)."""
+    those of chunk/split, and those of views and slices (weaker evidence: a state sliced
+    into two populations, or an output viewed as a matrix, looks the same)."""
     shape = _shape(node)
     if depth == 0 or not shape:
         return set(), set()
@@ -153,7 +153,7 @@ def _cuts(node: fx.Node, dim: int, offset: int, depth: int, passing: set) -> tup
             explicit |= {offset + cut for cut in _split_cuts(user, size)}
         elif target in _VIEWS and len(user_shape) == len(shape) + 1 \
                 and user_shape[:dim] == shape[:dim] and user_shape[dim + 2:] == shape[dim + 1:]:
-            explicit |= set(range(offset, offset + size, user_shape[dim + 1]))
+            sliced |= set(range(offset, offset + size, user_shape[dim + 1]))
         elif target is aten.slice.Tensor and _arg(user, 1, "dim", 0) % len(shape) == dim:
             start, stop, _ = slice(_arg(user, 2, "start", None), _arg(user, 3, "end", None)).indices(size)
             inner = _cuts(user, dim, offset + start, depth - 1, _UNARY_PASS)
@@ -166,8 +166,8 @@ def _cuts(node: fx.Node, dim: int, offset: int, depth: int, passing: set) -> tup
 
 def gate_count(node: fx.Node, out_dim: int, state_width: int | None = None, depth: int = 4) -> int:
     """Number of equal gate blocks ``node``'s output is cut into along ``out_dim`` (1 when
-    it is not cut, or not into equal blocks). Cuts seen only as slices count when each
-    block is as wide as the state the weight reads (``state_width``)."""
+    it is not cut, or not into equal blocks). Cuts seen only in views and slices count when
+    each block is as wide as the state the weight reads (``state_width``)."""
     shape = _shape(node)
     if not shape:
         return 1

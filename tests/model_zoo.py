@@ -878,6 +878,34 @@ class InOutGatesLSTM(nn.Module):
         return h_t
 
 
+class CDEVectorField(nn.Module):
+    """torchcde-style vector field f(t, z): an MLP whose output is viewed as an (H, I) matrix."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.linear1, self.linear2 = nn.Linear(H, width), nn.Linear(width, I * H)
+
+    def forward(self, t, z):
+        return self.linear2(self.linear1(z).relu()).tanh().view(z.shape[0], H, I)
+
+
+class NeuralCDE(nn.Module):
+    """Neural CDE (Kidger et al. 2020) with Euler steps: ``z += f(z) @ dX``. Both MLP layers
+    are in the loop, each only through the other (the state goes H -> width -> H x I): kind
+    "linear"; viewing the output as a matrix is no gate split."""
+
+    def __init__(self):
+        super().__init__()
+        self.initial, self.func, self.readout = nn.Linear(I, H), CDEVectorField(), nn.Linear(H, O)
+
+    def forward(self, x):
+        z = self.initial(x[:, 0])
+        for t in range(1, x.shape[1]):
+            dX = x[:, t] - x[:, t - 1]
+            z = z + (self.func(t, z) @ dX.unsqueeze(-1)).squeeze(-1)
+        return self.readout(z)
+
+
 @dataclass
 class ZooCase:
     """One model style with its example inputs and the targets the pass must find."""
@@ -995,6 +1023,8 @@ ZOO = [
             {("h2h.weight", "recurrent", ALL, ALL, 4)}),
     ZooCase("in_out_gates_lstm", InOutGatesLSTM, lambda: (sequence(),),
             {("U", "recurrent", ALL, ALL, 1)}),
+    ZooCase("neural_cde", NeuralCDE, lambda: (sequence(steps=T + 1),),
+            {("func.linear1.weight", "linear", ALL, ALL, 1), ("func.linear2.weight", "linear", ALL, ALL, 1)}),
 ]
 
 # Models torch.export cannot capture: the pass must raise GraphCaptureError naming the ways
