@@ -15,6 +15,7 @@ import io
 import logging
 import operator
 import os
+import sysconfig
 import traceback
 import warnings
 
@@ -33,6 +34,7 @@ WAYS_OUT = (
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_STDLIB_DIR = sysconfig.get_paths()["stdlib"] + os.sep
 
 
 class GraphCaptureError(ValueError):
@@ -101,7 +103,7 @@ def _where(error: BaseException) -> str:
     the PyTorch layer it was inside of, if any."""
     frames = traceback.extract_tb(error.__traceback__)
     user = [i for i, f in enumerate(frames)
-            if not f.filename.startswith((_TORCH_DIR, _PACKAGE_DIR))]
+            if not f.filename.startswith((_TORCH_DIR, _PACKAGE_DIR, _STDLIB_DIR))]
     if not user:
         return ""
     frame = frames[user[-1]]
