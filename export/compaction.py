@@ -30,6 +30,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from export.sparse_runtime import RecurrentLayer
+from moduli_transform.targets import gate_rows
 
 __all__ = [
     "CompactionError",
@@ -49,10 +50,6 @@ class CompactionError(ValueError):
 
 def _gates(module: nn.RNNBase) -> int:
     return module.weight_hh_l0.shape[0] // module.hidden_size
-
-
-def _gate_rows(keep: Tensor, hidden: int, gates: int) -> Tensor:
-    return torch.cat([gate * hidden + keep for gate in range(gates)])
 
 
 def _keep(size: int, idxs: Sequence[int]) -> Tensor:
@@ -87,7 +84,7 @@ class RecurrentPruner(tp.pruner.function.BasePruningFunc):
         self._check(layer)
         hidden, gates = layer.hidden_size, _gates(layer)
         keep = _keep(hidden, idxs)
-        rows = _gate_rows(keep, hidden, gates)
+        rows = gate_rows(keep, gates, hidden)
         with torch.no_grad():
             for name in ("weight_ih_l0", "bias_ih_l0", "bias_hh_l0"):
                 if getattr(layer, name, None) is not None:
@@ -266,7 +263,7 @@ def compact_layers(layers: Sequence[RecurrentLayer]) -> tuple[list[RecurrentLaye
             break
         dead = disconnected_units(layer.weight_hh, [layers[index + 1].weight_ih]).tolist()
         keep = _keep(hidden, dead)
-        rows = _gate_rows(keep, hidden, gates)
+        rows = gate_rows(keep, gates, hidden)
         layer.weight_ih = layer.weight_ih[rows]
         layer.weight_hh = layer.weight_hh[rows][:, keep]
         layer.bias_ih = None if layer.bias_ih is None else layer.bias_ih[rows]

@@ -32,6 +32,7 @@ from moduli_transform.ordering import (
     register_ordering,
 )
 from moduli_transform.pruning import tile_norms
+from moduli_transform.targets import gate_rows
 
 __all__ = [
     "ORDERINGS",
@@ -92,11 +93,6 @@ def tile_sparsity(mask: Tensor, tile: int = 16) -> float:
     return float((tile_norms(mask.float(), tile) == 0).float().mean())
 
 
-def _gate_rows(perm: Tensor, gates: int) -> Tensor:
-    hidden = perm.numel()
-    return torch.cat([gate * hidden + perm for gate in range(gates)])
-
-
 def tile_mask(weight: Tensor, sparsity: float, perm: Tensor | None = None, tile: int = 16
               ) -> Tensor:
     """Tile-pruning mask of a ``(gates * H, H)`` recurrent matrix, in the ORIGINAL order.
@@ -108,7 +104,7 @@ def tile_mask(weight: Tensor, sparsity: float, perm: Tensor | None = None, tile:
     if perm is None:
         return tile_prune(weight, sparsity, tile)
     gates = weight.shape[0] // weight.shape[1]
-    rows = _gate_rows(perm, gates)
+    rows = gate_rows(perm, gates)
     permuted = tile_prune(weight[rows][:, perm], sparsity, tile)
     mask = torch.empty_like(permuted)
     mask[rows.unsqueeze(1), perm.unsqueeze(0)] = permuted
@@ -151,7 +147,7 @@ def permute_rnn(module: nn.RNNBase, perms: Sequence[Tensor | None]) -> nn.RNNBas
         for layer, perm in enumerate(perms):
             if perm is None:
                 continue
-            rows = _gate_rows(perm, gates)
+            rows = gate_rows(perm, gates)
             for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
                 parameter = getattr(permuted, f"{kind}_l{layer}", None)
                 if parameter is not None:

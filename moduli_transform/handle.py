@@ -20,7 +20,7 @@ from .ordering import order_neurons
 from .pruning import MagnitudeSparsifier
 from .regularizer import ModuliRegularizer
 from .schedules import get_schedule
-from .targets import Target
+from .targets import Target, gate_rows
 
 __all__ = ["ModuliHandle"]
 
@@ -90,9 +90,7 @@ class ModuliHandle:
                                      regularizer.manifold)
                 cols = rows if regularizer.shared else order_neurons(
                     regularizer.col_embedding.detach().cpu(), self.config.ordering, regularizer.manifold)
-            per_gate = rows.numel()
-            rows = torch.cat([gate * per_gate + rows for gate in range(target.gates)])
-            orders[target.name] = (rows, cols)
+            orders[target.name] = (gate_rows(rows, target.gates), cols)
         return orders
 
     def _install_hooks(self) -> None:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-__all__ = ["Target", "TARGET_KINDS"]
+import torch
+
+__all__ = ["Target", "TARGET_KINDS", "gate_rows"]
 
 TARGET_KINDS = ("recurrent", "linear", "conv", "elementwise", "extra")
 
@@ -114,3 +116,19 @@ class Target:
         if self.kind == "elementwise":
             return "[:]"
         return f"[{fmt(self.rows)}, {fmt(self.cols)}]"
+
+
+def gate_rows(units: torch.Tensor, gates: int, hidden: int | None = None) -> torch.Tensor:
+    """Rows of a gate-stacked ``(gates * hidden, ...)`` matrix that belong to ``units``.
+
+    ``units`` (a LongTensor of hidden-unit indices: a permutation, or the units kept) is
+    repeated in every gate block; ``hidden`` defaults to ``len(units)`` (a permutation).
+
+    Example:
+        >>> gate_rows(torch.tensor([1, 0]), gates=2)
+        tensor([1, 0, 3, 2])
+        >>> gate_rows(torch.tensor([2]), gates=3, hidden=4)
+        tensor([ 2,  6, 10])
+    """
+    hidden = units.numel() if hidden is None else hidden
+    return torch.cat([gate * hidden + units for gate in range(gates)])
