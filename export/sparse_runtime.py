@@ -153,14 +153,24 @@ def _tile_divisible(weight: Tensor, tile: int) -> bool:
     return weight.shape[0] % tile == 0 and weight.shape[1] % tile == 0
 
 
+def _to_bsr(weight: Tensor, tile: int) -> Tensor:
+    """``weight`` as PyTorch block-sparse rows of ``tile x tile`` blocks (zero tiles dropped)."""
+    with _quiet_beta():
+        return weight.detach().to_sparse_bsr((tile, tile))
+
+
+def _bsr_bytes(blocks: int, tile: int, shape: tuple[int, int], batch: int) -> int:
+    """Tile values, one int32 column index per tile, the block-row pointers, the vectors."""
+    return 4 * blocks * tile**2 + 4 * blocks + 4 * (shape[0] // tile + 1) + _vector_bytes(shape[1], batch)
+
+
 @register_kernel("bsr")
 class BsrKernel(RecurrentKernel):
     """PyTorch block-sparse rows with ``tile x tile`` blocks (all-zero tiles dropped)."""
 
     def __init__(self, weight: Tensor, tile: int = 16) -> None:
         super().__init__(weight)
-        with _quiet_beta():
-            bsr = weight.detach().to_sparse_bsr((tile, tile))
+        bsr = _to_bsr(weight, tile)
         self.weight = torch.sparse_bsr_tensor(
             bsr.crow_indices().to(torch.int32), bsr.col_indices().to(torch.int32),
             bsr.values(), bsr.shape, check_invariants=False,
@@ -175,9 +185,7 @@ class BsrKernel(RecurrentKernel):
         return torch.addmm(u, self.weight, h)
 
     def nbytes(self, batch: int) -> int:
-        blocks = self.weight.values().shape[0]
-        return (4 * blocks * self.tile**2 + 4 * blocks + 4 * (self.shape[0] // self.tile + 1)
-                + _vector_bytes(self.shape[1], batch))
+        return _bsr_bytes(self.weight.values().shape[0], self.tile, self.shape, batch)
 
 
 @register_kernel("gather")
@@ -186,8 +194,7 @@ class GatherKernel(RecurrentKernel):
 
     def __init__(self, weight: Tensor, tile: int = 16) -> None:
         super().__init__(weight)
-        with _quiet_beta():
-            bsr = weight.detach().to_sparse_bsr((tile, tile))
+        bsr = _to_bsr(weight, tile)
         self.values = bsr.values().contiguous()
         self.cols = bsr.col_indices()
         block_rows = weight.shape[0] // tile
@@ -217,8 +224,7 @@ class TileKernel(RecurrentKernel):
 
     def __init__(self, weight: Tensor, tile: int = 16) -> None:
         super().__init__(weight)
-        with _quiet_beta():
-            bsr = weight.detach().float().to_sparse_bsr((tile, tile))
+        bsr = _to_bsr(weight.float(), tile)
         self.ptr = bsr.crow_indices().to(torch.int32).numpy()
         self.cols = bsr.col_indices().to(torch.int32).numpy()
         self.tiles_t = bsr.values().transpose(1, 2).contiguous().numpy()
@@ -245,9 +251,7 @@ class TileKernel(RecurrentKernel):
         return outputs
 
     def nbytes(self, batch: int) -> int:
-        blocks = self.tiles_t.shape[0]
-        return (4 * blocks * self.tile**2 + 4 * blocks + 4 * (self.shape[0] // self.tile + 1)
-                + _vector_bytes(self.shape[1], batch))
+        return _bsr_bytes(self.tiles_t.shape[0], self.tile, self.shape, batch)
 
 
 def _median_time(function: Callable[[], object], repeats: int) -> float:
