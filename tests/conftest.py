@@ -7,6 +7,16 @@ import torch
 from torch import nn
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a busy two-core machine run many times faster on one thread
+    (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class TinyRNNRegressor(nn.Module):
     """nn.RNN + linear read-out: the adding-problem shape of model."""
 

@@ -11,13 +11,7 @@ from safetensors.torch import load_file
 from tasks.runner import METRIC_KEYS, SUMMARY_KEYS, Phases, RunConfig, RunConfigError, RunInterrupted, run
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a busy two-core machine run many times faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(tmp_path, name: str = "run", **changes) -> RunConfig:

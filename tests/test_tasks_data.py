@@ -13,13 +13,7 @@ from tasks.language_model import CorpusError, LanguageModelTask, load_corpus, re
 from tasks.navigation import ARENA, NavigationTask, PlaceCells, random_walk
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a busy two-core machine run many times faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- navigation -------------------------------------------------------------------------
