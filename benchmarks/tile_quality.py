@@ -16,10 +16,10 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from export.tiles import tile_vs_unstructured_quality
+from moduli_transform.export.tiles import tile_vs_unstructured_quality
 from moduli_transform.manifolds import get_manifold
-from tasks import get_task
-from tasks.runner import EMBEDDINGS_FILE, WEIGHTS_FILE, RunConfig, run
+from moduli_transform.tasks import get_task
+from moduli_transform.tasks.runner import EMBEDDINGS_FILE, WEIGHTS_FILE, RunConfig, run
 
 
 def main() -> None:

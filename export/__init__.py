@@ -1,6 +1,6 @@
 """Export of pruned models: CSR safetensors files and ONNX graphs (plus the sparse runtime).
 
-    from export import save_safetensors, load_safetensors, to_onnx, run_onnx
+    from moduli_transform.export import save_safetensors, load_safetensors, to_onnx, run_onnx
     save_safetensors(handle, "model.safetensors")          # masks, embeddings, config recorded
     model.load_state_dict(load_safetensors("model.safetensors"), strict=True)
     report = to_onnx(model, (example,), "model.onnx", sparse_initializers=True)

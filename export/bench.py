@@ -1,6 +1,6 @@
 """Benchmark: dense PyTorch / ONNX Runtime vs. the sparse runtime, per step and per sequence.
 
-Each library runs in its own process (``python -m export.bench --worker NAME``) with its
+Each library runs in its own process (``python -m moduli_transform.export.bench --worker NAME``) with its
 threads pinned, so one library's thread pool or allocator never slows another; rounds
 interleave the libraries and the table reports medians over rounds.  Memory bandwidth is
 measured in the same run (summing a buffer far larger than the last-level cache), and
@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from export.sparse_runtime import SparseRNN, layers_from_module
-from export.tiles import magnitude_mask, order_neurons, permute_rnn, tile_prune
+from moduli_transform.export.sparse_runtime import SparseRNN, layers_from_module
+from moduli_transform.export.tiles import magnitude_mask, order_neurons, permute_rnn, tile_prune
 
 __all__ = [
     "LIBRARIES",
@@ -112,9 +112,9 @@ def _synthetic(config: BenchConfig) -> tuple[nn.RNNBase, Tensor]:
 
 
 def _load_file(path: str) -> tuple[nn.RNNBase, Tensor | None]:
-    """An RNN module from a safetensors file (export.load_safetensors, else plain tensors)."""
+    """An RNN module from a safetensors file (moduli_transform.export.load_safetensors, else plain tensors)."""
     try:
-        from export import load_safetensors  # type: ignore[attr-defined]
+        from moduli_transform.export import load_safetensors  # type: ignore[attr-defined]
         loaded = load_safetensors(path)
     except ImportError:
         from safetensors.torch import load_file
@@ -284,7 +284,7 @@ def measure_bandwidth(repeats: int = 5, megabytes: int = 512) -> float:
 
 # --------------------------------------------------------------------------- driver
 def _spawn(library: str, configs: Sequence[BenchConfig], threads: int, repeats: int) -> list[dict]:
-    command = [sys.executable, "-m", "export.bench", "--worker", library,
+    command = [sys.executable, "-m", "moduli_transform.export.bench", "--worker", library,
                "--configs", json.dumps([asdict(c) for c in configs]),
                "--threads", str(threads), "--repeats", str(repeats)]
     root = str(Path(__file__).resolve().parent.parent)
@@ -419,7 +419,7 @@ def _plot(table: Sequence[dict], path: Path) -> None:
 
 # --------------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by ``python -m export.bench`` and ``moduli-transform bench``."""
+    """Options shared by ``python -m moduli_transform.export.bench`` and ``moduli-transform bench``."""
     parser.add_argument("--file", default="", help="safetensors file from the export")
     parser.add_argument("--hidden", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
@@ -465,7 +465,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _cli(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m moduli_transform.export.bench", description=__doc__)
     add_arguments(parser)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--configs", default="[]", help=argparse.SUPPRESS)

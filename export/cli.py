@@ -9,7 +9,7 @@ import sys
 
 
 # --------------------------------------------------------------------------- export
-# `moduli-transform export` (entry point export.cli:register_export).
+# `moduli-transform export` (entry point moduli_transform.export.cli:register_export).
 def register_export(subparsers) -> None:
     """Add ``moduli-transform export``: a model factory (+ weights) -> safetensors and/or ONNX."""
     parser = subparsers.add_parser(
@@ -20,7 +20,7 @@ def register_export(subparsers) -> None:
     parser.add_argument("--model", default=None, metavar="MODULE:FACTORY",
                         help="callable returning the nn.Module (e.g. mypkg.models:make_rnn)")
     parser.add_argument("--state", default=None, metavar="PATH.safetensors",
-                        help="weights (and masks) to load, written by export.save_safetensors")
+                        help="weights (and masks) to load, written by moduli_transform.export.save_safetensors")
     parser.add_argument("--input-shape", default=None, metavar="B,T,F",
                         help="shape of the example input for ONNX, e.g. 1,16,2")
     parser.add_argument("--sequence-axis", type=int, default=None, help="time axis of the input")
@@ -58,7 +58,7 @@ def run_export(args: argparse.Namespace) -> int:
     """Carry out ``moduli-transform export``; returns the exit status."""
     import torch
 
-    from export import read_safetensors, save_safetensors, to_onnx
+    from moduli_transform.export import read_safetensors, save_safetensors, to_onnx
 
     spec, state_path = args.model, args.state
     if args.source is not None:
@@ -100,11 +100,11 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- bench
-# `moduli-transform bench` (entry point export.cli:register_bench): the sparse-runtime
+# `moduli-transform bench` (entry point moduli_transform.export.cli:register_bench): the sparse-runtime
 # benchmark of export/bench.py.  Kept in its own section; the export command lives above.
 def register_bench(subparsers) -> None:
     """Add ``moduli-transform bench``: dense vs. CSR vs. tiled vs. ONNX Runtime timings."""
-    from export import bench
+    from moduli_transform.export import bench
 
     parser = subparsers.add_parser(
         "bench", help="time dense PyTorch / ONNX Runtime vs. the sparse runtime",

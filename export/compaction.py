@@ -29,7 +29,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from export.sparse_runtime import RecurrentLayer
+from moduli_transform.export.sparse_runtime import RecurrentLayer
 from moduli_transform.targets import gate_rows
 
 __all__ = [

@@ -9,7 +9,7 @@ transposed so the innermost loop is one contiguous vector FMA. It comes in two f
   so nothing returns to Python between steps.
 
 States are column blocks ``(hidden, batch)`` (float32, C-contiguous), as in
-:mod:`export.sparse_runtime`. Numba is imported lazily: without it, :data:`AVAILABLE` is
+:mod:`moduli_transform.export.sparse_runtime`. Numba is imported lazily: without it, :data:`AVAILABLE` is
 False and the runtime simply does not offer these kernels.
 """
 

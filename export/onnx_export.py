@@ -340,7 +340,7 @@ def _session(path_or_bytes: str | bytes | os.PathLike) -> Any:
 def _metadata_of(session: Any) -> dict[str, Any]:
     text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     if text is None:
-        raise ValueError(f"the ONNX model has no {METADATA_KEY!r} metadata: export it with export.to_onnx")
+        raise ValueError(f"the ONNX model has no {METADATA_KEY!r} metadata: export it with moduli_transform.export.to_onnx")
     return json.loads(text)
 
 

@@ -15,7 +15,7 @@ a sparse kernel, and gives the same outputs as the module (to float32 rounding):
   times the ones that apply on the actual matrix and batch size and keeps the fastest.
 
 Hidden units may be stored in a different order than the module's (the geometric order of
-:mod:`export.tiles`); ``perms[l][i]`` is the original index of stored unit ``i`` of layer
+:mod:`moduli_transform.export.tiles`); ``perms[l][i]`` is the original index of stored unit ``i`` of layer
 ``l``, and states going in and out are translated so callers never see the order.
 """
 
@@ -219,7 +219,7 @@ class GatherKernel(RecurrentKernel):
 
 @register_kernel("tiles")
 class TileKernel(RecurrentKernel):
-    """Our compiled block-sparse kernel (:mod:`export.numba_kernels`): whole tiles, no
+    """Our compiled block-sparse kernel (:mod:`moduli_transform.export.numba_kernels`): whole tiles, no
     per-weight indices, and for Elman layers the whole sequence in one call."""
 
     def __init__(self, weight: Tensor, tile: int = 16) -> None:
@@ -442,7 +442,7 @@ class SparseRNN:
             actual matrix, timed at first use per batch size).
         batch_first: inputs and outputs are ``(batch, time, features)``.
         perms: per layer, ``perms[l][i]`` = original index of stored unit ``i``
-            (:func:`export.tiles.permute_rnn` produces such layers); ``None`` = identity.
+            (:func:`moduli_transform.export.tiles.permute_rnn` produces such layers); ``None`` = identity.
         tile: tile size for the ``bsr`` / ``gather`` / ``tiles`` kernels.
         candidates: kernels tried by ``"auto"``.
 

@@ -4,7 +4,7 @@ Moduli regularization keeps connections between neurons that are near each other
 manifold, but neurons are numbered at random.  An ordering (a Hilbert curve over torus
 coordinates, the angle on a circle, a nearest-neighbour chain otherwise) renumbers them so
 that neighbours get neighbouring indices; tile pruning (:mod:`moduli_transform.pruning`)
-and the block-sparse kernels of :mod:`export.tiles` build on it.
+and the block-sparse kernels of :mod:`moduli_transform.export.tiles` build on it.
 """
 
 from __future__ import annotations

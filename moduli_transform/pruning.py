@@ -9,7 +9,7 @@ A unit is one weight (``granularity="element"``, the paper's unstructured prunin
 ``tile x tile`` block of the matrix with its rows and columns renumbered along the
 manifold (``granularity="tile"``, scored by the Frobenius norm of its surviving weights).
 Tile masks are stored in the original numbering, so the model never changes shape or
-order; a block-sparse kernel applies the same renumbering (:mod:`export.tiles`) to read
+order; a block-sparse kernel applies the same renumbering (:mod:`moduli_transform.export.tiles`) to read
 whole tiles.
 """
 

@@ -1,7 +1,7 @@
 """The paper's three benchmarks as :class:`Task` objects, found by name in :data:`TASKS`.
 
 A task owns its data (generated or loaded), builds its model, computes the training loss
-and evaluates its metric; :mod:`tasks.runner` owns the training loop, the moduli handle,
+and evaluates its metric; :mod:`moduli_transform.tasks.runner` owns the training loop, the moduli handle,
 checkpoints and the run directory. Each task module holds its presets (``test``: seconds,
 for the test suite; ``cpu``: minutes on two cores; ``paper``: the paper's sizes).
 

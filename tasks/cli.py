@@ -76,7 +76,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def register_table(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``table TASK``: the grid of one of the paper's tables (see :mod:`tasks.table`)."""
+    """Add ``table TASK``: the grid of one of the paper's tables (see :mod:`moduli_transform.tasks.table`)."""
     parser = subparsers.add_parser("table", help="run the paper's comparison grid for a task and tabulate it",
                                    description="Run (or reuse) a grid of runs and write markdown/CSV tables "
                                                "and figures.")

@@ -109,8 +109,8 @@ def _figure(summaries: list[dict[str, Any]], moduli_dir: Path, path: Path) -> Pa
 
 def _export_and_bench(run_dir: Path, out: Path) -> None:
     """Export the pruned moduli model and time its recurrent layer dense vs sparse."""
-    from export import save_safetensors, to_onnx
-    from export.sparse_runtime import SparseRNN
+    from moduli_transform.export import save_safetensors, to_onnx
+    from moduli_transform.export.sparse_runtime import SparseRNN
 
     from . import get_task
 

@@ -10,7 +10,7 @@ Ray is optional (``pip install 'moduli-transform[ray]'``) and imported only when
   again; the run function resumes from its own checkpoints if it has any.
 
 A run function takes one plan and returns its summary dict, writing ``summary.json`` last
-(:func:`tasks.runner.run` does). A run that raises does not stop the sweep: its slot in the
+(:func:`moduli_transform.tasks.runner.run` does). A run that raises does not stop the sweep: its slot in the
 result list is a :class:`RunFailure`, and re-running the sweep retries only those runs.
 
 On a multi-node cluster (``address="ray://head:10001"`` or ``"auto"``) the run directories
@@ -73,7 +73,7 @@ _REUSE_IGNORES = ("threads", "resume", "out")
 def same_recorded_run(plan: Any, run_dir: Path) -> bool:
     """Whether the run recorded in ``run_dir/config.json`` is the run ``plan`` asks for.
 
-    Plans with ``to_dict``/``from_dict`` (a :class:`~tasks.runner.RunConfig`) are compared
+    Plans with ``to_dict``/``from_dict`` (a :class:`~moduli_transform.tasks.runner.RunConfig`) are compared
     field by field (fields the record lacks take their defaults), all but
     ``threads``/``resume``/``out``; other plans only need a summary.
     """

@@ -28,7 +28,7 @@ Example:
     >>> RunConfig(task="adding", regularizer="l2")
     Traceback (most recent call last):
     ...
-    tasks.runner.RunConfigError: unknown regularizer 'l2'; expected one of moduli, l1, shuffled, none
+    moduli_transform.tasks.runner.RunConfigError: unknown regularizer 'l2'; expected one of moduli, l1, shuffled, none
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""tasks.checkpoint: atomic safetensors + JSON checkpoints, verification, fallback, resume."""
+"""moduli_transform.tasks.checkpoint: atomic safetensors + JSON checkpoints, verification, fallback, resume."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from torch import nn
 
-from tasks.checkpoint import (
+from moduli_transform.tasks.checkpoint import (
     CheckpointError, capture_rng_state, capture_training_state, flatten_state, list_checkpoints,
     load_checkpoint, read_checkpoint, restore_rng_state, restore_training_state, save_checkpoint,
     unflatten_state,
@@ -261,7 +261,7 @@ SCRIPT = textwrap.dedent('''
     import torch
     from torch import nn
     from safetensors.torch import save_file
-    from tasks.checkpoint import (capture_training_state, load_checkpoint, restore_training_state,
+    from moduli_transform.tasks.checkpoint import (capture_training_state, load_checkpoint, restore_training_state,
                                   save_checkpoint)
 
     directory, out, total, every, delay = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])

@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from export.compaction import (
+from moduli_transform.export.compaction import (
     CompactionError,
     RecurrentPruner,
     compact_layers,
     compact_model,
     disconnected_units,
 )
-from export.sparse_runtime import SparseRNN, layers_from_module
+from moduli_transform.export.sparse_runtime import SparseRNN, layers_from_module
 
 CELLS = [nn.RNN, nn.GRU, nn.LSTM]
 DEAD = [1, 5, 9]

@@ -207,7 +207,7 @@ def test_runner_under_torchrun_matches_single_process(tmp_path):
     import subprocess
     import sys
 
-    from tasks.runner import RunConfig, run
+    from moduli_transform.tasks.runner import RunConfig, run
 
     options = dict(task="adding", preset="test", embedding="trained", threads=1)
     run(RunConfig(out=str(tmp_path / "single"), **options), progress=False)

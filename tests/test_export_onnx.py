@@ -1,4 +1,4 @@
-"""export.onnx_export: fused layers at any length, unrolled cells refused beyond their length,
+"""moduli_transform.export.onnx_export: fused layers at any length, unrolled cells refused beyond their length,
 gate-order mapping, sparse initializers, atomic writes, and the `export` CLI command."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from onnx import numpy_helper
 from torch import nn
 
 from conftest import CellLoopModel
-from export import OnnxExportError, SequenceLengthError, load_safetensors, run_onnx, save_safetensors, to_onnx
-from export.onnx_export import ONNX_GATE_PERMUTATION
+from moduli_transform.export import OnnxExportError, SequenceLengthError, load_safetensors, run_onnx, save_safetensors, to_onnx
+from moduli_transform.export.onnx_export import ONNX_GATE_PERMUTATION
 from test_export_safetensors import make_handle
 
 
@@ -162,7 +162,7 @@ def test_unexportable_model_raises_a_clear_error(tmp_path):
 def test_cli_export_writes_both_files(tmp_path, capsys):
     import argparse
 
-    from export.cli import register_export
+    from moduli_transform.export.cli import register_export
 
     parser = argparse.ArgumentParser()
     register_export(parser.add_subparsers(dest="command"))

@@ -1,4 +1,4 @@
-"""export.safetensors_format: CSR round trip, FORMAT.md reader, validation, atomic writes."""
+"""moduli_transform.export.safetensors_format: CSR round trip, FORMAT.md reader, validation, atomic writes."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from conftest import TinyRNNRegressor
-from export import ExportFormatError, load_safetensors, read_safetensors, save_safetensors
+from moduli_transform.export import ExportFormatError, load_safetensors, read_safetensors, save_safetensors
 
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from tasks.figures import plot_metric_vs_sparsity, plot_persistence, save_incoming_weights_figure, persistence_diagram
+from moduli_transform.tasks.figures import plot_metric_vs_sparsity, plot_persistence, save_incoming_weights_figure, persistence_diagram
 
 
 def test_incoming_weights_figure_for_torus_circle_and_sphere(tmp_path):

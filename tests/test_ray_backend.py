@@ -1,4 +1,4 @@
-"""tasks.ray_backend: finished runs are skipped, failed and missing ones re-run (serial and Ray)."""
+"""moduli_transform.tasks.ray_backend: finished runs are skipped, failed and missing ones re-run (serial and Ray)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.ray_backend import (
+from moduli_transform.tasks.ray_backend import (
     RunFailure, execute_ray, execute_serial, plan_run_dir, read_summary, split_finished,
 )
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tasks.runner import METRIC_KEYS, SUMMARY_KEYS, Phases, RunConfig, RunConfigError, RunInterrupted, run
+from moduli_transform.tasks.runner import METRIC_KEYS, SUMMARY_KEYS, Phases, RunConfig, RunConfigError, RunInterrupted, run
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -142,7 +142,7 @@ def test_adding_problem_learns(tmp_path):
 def test_train_command_parses_into_a_run_config(tmp_path):
     import argparse
 
-    from tasks.cli import config_from_args, register_table, register_train
+    from moduli_transform.tasks.cli import config_from_args, register_table, register_train
 
     parser = argparse.ArgumentParser()
     subparsers = parser.add_subparsers()

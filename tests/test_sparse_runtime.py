@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from export.bench import LIBRARIES, BenchConfig, run_worker
-from export.sparse_runtime import KERNELS, RuntimeConfigError, SparseRNN, to_csr32
+from moduli_transform.export.bench import LIBRARIES, BenchConfig, run_worker
+from moduli_transform.export.sparse_runtime import KERNELS, RuntimeConfigError, SparseRNN, to_csr32
 
 CELLS = [
     (nn.RNN, {"nonlinearity": "tanh"}),
@@ -105,7 +105,7 @@ def test_bench_worker_process_prints_json():
     root = Path(__file__).resolve().parent.parent
     configs = json.dumps([{"hidden": 32, "batch": 1, "sparsity": 0.9, "steps": 3}])
     done = subprocess.run(
-        [sys.executable, "-m", "export.bench", "--worker", "ours", "--configs", configs,
+        [sys.executable, "-m", "moduli_transform.export.bench", "--worker", "ours", "--configs", configs,
          "--threads", "1", "--repeats", "1"],
         capture_output=True, text=True, cwd=root, check=True)
     [row] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -117,7 +117,7 @@ def test_bench_worker_process_prints_json():
 @pytest.mark.parametrize("batch", [1, 4])
 def test_compiled_tile_kernel_on_tile_pruned_and_empty_matrices(cell, options, keep, batch):
     pytest.importorskip("numba")
-    from export.tiles import tile_prune
+    from moduli_transform.export.tiles import tile_prune
 
     torch.manual_seed(1)
     module = cell(6, 64, num_layers=2, **options)
@@ -140,7 +140,7 @@ def test_compiled_elman_rejects_unknown_activation():
     pytest.importorskip("numba")
     import numpy as np
 
-    from export.numba_kernels import bsr_elman
+    from moduli_transform.export.numba_kernels import bsr_elman
 
     empty = np.zeros(3, np.int32)
     with pytest.raises(ValueError, match="'gelu'; expected one of identity, tanh, relu"):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.figures import persistence_diagram
-from tasks.table import aggregate, execute, format_markdown, plan_runs, run_table
+from moduli_transform.tasks.figures import persistence_diagram
+from moduli_transform.tasks.table import aggregate, execute, format_markdown, plan_runs, run_table
 
 
 def test_plan_covers_the_grid_and_names_runs_deterministically(tmp_path):

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from tasks import TASKS, UnknownTaskError, get_task
-from tasks.adding import AddingTask, adding_batch
-from tasks.language_model import CorpusError, LanguageModelTask, load_corpus, read_splits
-from tasks.navigation import ARENA, NavigationTask, PlaceCells, random_walk
+from moduli_transform.tasks import TASKS, UnknownTaskError, get_task
+from moduli_transform.tasks.adding import AddingTask, adding_batch
+from moduli_transform.tasks.language_model import CorpusError, LanguageModelTask, load_corpus, read_splits
+from moduli_transform.tasks.navigation import ARENA, NavigationTask, PlaceCells, random_walk
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -169,7 +169,7 @@ def test_navigation_paper_preset_has_the_papers_sizes():
 
 
 def test_place_cell_activation_equals_the_direct_formula():
-    from tasks.navigation import PlaceCells, random_walk
+    from moduli_transform.tasks.navigation import PlaceCells, random_walk
 
     cells = PlaceCells(64, generator=torch.Generator().manual_seed(0))
     positions = random_walk(4, 7, torch.Generator().manual_seed(1)).positions

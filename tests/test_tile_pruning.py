@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import moduli_transform as mt
-from export.sparse_runtime import SparseRNN
-from export.tiles import handle_perms, permute_linear_input, permute_rnn, permute_state, tile_sparsity
+from moduli_transform.export.sparse_runtime import SparseRNN
+from moduli_transform.export.tiles import handle_perms, permute_linear_input, permute_rnn, permute_state, tile_sparsity
 from moduli_transform.pruning import MagnitudeSparsifier, tile_norms
 
 

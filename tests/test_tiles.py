@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from export.sparse_runtime import SparseRNN
-from export.tiles import (
+from moduli_transform.export.sparse_runtime import SparseRNN
+from moduli_transform.export.tiles import (
     ORDERINGS,
     QualityComparison,
     OrderingError,
