@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -10,6 +11,7 @@ from torch import nn
 from .config import ModuliConfig, config_from_kwargs
 from .discovery import DiscoveryContext, discover_targets
 from .handle import ModuliHandle
+from .hooks import attached_handle
 from .inhibitors import get_inhibitor
 from .manifolds import get_manifold
 from .regularizer import ModuliRegularizer
@@ -18,7 +20,8 @@ __all__ = ["attach"]
 
 
 def attach(model: nn.Module, config: ModuliConfig | None = None, *, example_inputs: tuple | None = None,
-           example_kwargs: dict | None = None, method: str = "forward", **options: Any) -> ModuliHandle:
+           example_kwargs: dict | None = None, method: str = "forward",
+           driver: Callable[..., Any] | None = None, **options: Any) -> ModuliHandle:
     """Discover the model's recurrent weights and attach moduli regularizers and pruning.
 
     Args:
@@ -28,12 +31,17 @@ def attach(model: nn.Module, config: ModuliConfig | None = None, *, example_inpu
         example_inputs: inputs with at least two time steps, for the dataflow pass that
             finds recurrence in custom cells (not needed for PyTorch's RNN layers).
         method: the method the training code calls, when it is not ``forward``.
+        driver: ``fn(model, *example_inputs)`` running the training script's own step loop
+            for a few steps, traced instead of ``method`` when ``forward`` is one time step
+            and the recurrence closes in the script (``out, h = model(x_t, h)``).
 
     Returns:
         A :class:`ModuliHandle`.
 
     Raises:
-        ValueError: unknown option values, or nothing to regularize.
+        ValueError: unknown option values, nothing to regularize, a model already attached
+            (``remove()`` the first handle), parameters on the meta device, or pruning asked
+            through a parametrization whose zeros are not zeros of the weight.
 
     Example:
         >>> rnn = nn.RNN(4, 16)
@@ -44,8 +52,13 @@ def attach(model: nn.Module, config: ModuliConfig | None = None, *, example_inpu
         0.5
     """
     config = config_from_kwargs(config, **options)
-    context = DiscoveryContext(example_inputs, example_kwargs, method)
+    _check_model(model)
+    if driver is not None and example_inputs is None:
+        raise ValueError("driver= needs example_inputs: the inputs the driver is called with, "
+                         "fn(model, *example_inputs)")
+    context = DiscoveryContext(example_inputs, example_kwargs, method, driver)
     targets = discover_targets(model, config.targets, context)
+    _warn_if_nothing_prunable(config, targets)
     manifold = get_manifold(config.manifold, **config.manifold_options)
     inhibitor = get_inhibitor(config.inhibitor, **config.inhibitor_options)
     generator = torch.Generator().manual_seed(config.seed)
@@ -66,3 +79,29 @@ def attach(model: nn.Module, config: ModuliConfig | None = None, *, example_inpu
         targets += [t.with_changes(kind="extra", regularize=False, evidence="prune_also")
                     for t in extra if t.name not in known]
     return ModuliHandle(model, targets, config, regularizers)
+
+
+def _check_model(model: nn.Module) -> None:
+    """Refuse what would otherwise fail later or silently: a second handle, meta tensors."""
+    first = attached_handle(model)
+    if first is not None:
+        raise ValueError(
+            f"{type(model).__name__} already has a handle attached ({first!r}); a second one "
+            "would fight over the same hooks and masks. Call handle.remove() on the first, "
+            "or attach once with all the targets and options")
+    meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise ValueError(
+            f"parameters on the meta device ({', '.join(meta[:3])}{' ...' if len(meta) > 3 else ''}) "
+            "have no values to regularize or prune; materialize them first "
+            "(model.to_empty(device='cpu') and initialise or load weights), then attach")
+
+
+def _warn_if_nothing_prunable(config: ModuliConfig, targets: list) -> None:
+    if (config.sparsity and not config.regularize_elementwise
+            and all(t.kind == "elementwise" for t in targets)):
+        warnings.warn(
+            f"sparsity={config.sparsity} prunes nothing: the only targets "
+            f"({', '.join(t.name for t in targets)}) are elementwise (IndRNN-style recurrent "
+            "vectors), which are neither regularized nor pruned by default; pass "
+            "regularize_elementwise=True to prune them", UserWarning, stacklevel=3)

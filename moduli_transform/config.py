@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Sequence, Union
 
-__all__ = ["ModuliConfig", "CONTROLS", "EMBEDDINGS", "SCOPES", "GRANULARITIES", "REDUCTIONS", "REINITS"]
+__all__ = ["ModuliConfig", "CONTROLS", "EMBEDDINGS", "SCOPES", "GRANULARITIES", "REDUCTIONS", "REINITS", "SCHEDULE_ON"]
 
 CONTROLS = ("moduli", "l1", "shuffled", "none")
 EMBEDDINGS = ("fixed", "trained")
@@ -14,6 +14,7 @@ SCOPES = ("per_tensor", "global")
 GRANULARITIES = ("element", "tile")
 REDUCTIONS = ("mean", "sum")
 REINITS = ("random", "rewind")
+SCHEDULE_ON = ("optimizer", "backward")
 
 TargetSpec = Union[str, Sequence[str]]
 
@@ -64,6 +65,7 @@ class ModuliConfig:
     manifold_options: dict = field(default_factory=dict)
     inhibitor_options: dict = field(default_factory=dict)
     regularize_elementwise: bool = False
+    schedule_on: str = "optimizer"
 
     def __post_init__(self) -> None:
         _choice("embedding", self.embedding, EMBEDDINGS)
@@ -71,6 +73,7 @@ class ModuliConfig:
         _choice("reduction", self.reduction, REDUCTIONS)
         _choice("scope", self.scope, SCOPES)
         _choice("granularity", self.granularity, GRANULARITIES)
+        _choice("schedule_on", self.schedule_on, SCHEDULE_ON)
         if int(self.tile) < 1:
             raise ValueError(f"tile must be a positive integer, got {self.tile!r}")
         if self.power not in (1, 2):

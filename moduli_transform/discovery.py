@@ -1,7 +1,10 @@
 """Finders: which parameters of a model are targets.
 
 A target specification is a finder name, a parameter name, a ``"re:<regex>"`` pattern
-(matched in full against parameter names, PEFT style), or a list mixing them:
+(matched in full against parameter names, PEFT style), or a list mixing them. A parameter
+name may select a block and a gate count: ``"i2h.weight[:, 57:89]"`` (the hidden-state
+columns of a Linear on ``cat([x, h])``), ``"cell.weight[:, 8:]@4"`` or ``"...@lstm"``
+(4 gate blocks stacked along dim 0; keywords ``rnn``, ``gru``, ``lstm``).
 
 * ``"recurrent"``: the dataflow pass (:mod:`moduli_transform.graph`) when example inputs
   are given, otherwise PyTorch's recurrent layer types by rule;
@@ -39,6 +42,7 @@ class DiscoveryContext:
     example_inputs: tuple | None = None
     example_kwargs: dict | None = None
     method: str = "forward"
+    driver: Callable[..., Any] | None = None  # fn(model, *example_inputs): the user's step loop
 
 
 Finder = Callable[[nn.Module, DiscoveryContext], list[Target]]
@@ -138,7 +142,7 @@ def find_by_dataflow(model: nn.Module, context: DiscoveryContext) -> list[Target
     from .graph import find_recurrent_targets
 
     return find_recurrent_targets(model, tuple(context.example_inputs), method=context.method,
-                                  example_kwargs=context.example_kwargs)
+                                  example_kwargs=context.example_kwargs, driver=context.driver)
 
 
 @register_finder("recurrent")
@@ -184,7 +188,64 @@ def _target_for_name(model: nn.Module, name: str, parameter: nn.Parameter) -> Ta
                   evidence="named explicitly", regularize=kind != "elementwise")
 
 
+GATE_KEYWORDS = {"rnn": ((), 1), "gru": (("r", "z", "n"), 3), "lstm": (("i", "f", "g", "o"), 4)}
+_SELECTION = re.compile(r"^(?P<name>[^\[@]+?)\s*(?:\[(?P<index>[^\]]*)\])?\s*(?:@\s*(?P<gates>\w+))?$")
+
+
+def _parse_slice(text: str, pattern: str) -> slice:
+    parts = text.strip().split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        start, stop = (int(p) if p.strip() else None for p in parts)
+    except ValueError:
+        raise NoTargetsError(f"bad slice {text.strip()!r} in target {pattern!r}; expected "
+                             "'start:stop' with optional ends, e.g. 'i2h.weight[:, 57:89]'") from None
+    return slice(start, stop)
+
+
+def _selected_target(model: nn.Module, pattern: str, parameters: dict[str, nn.Parameter]) -> Target | None:
+    """The target for ``"name[rows, cols]@gates"``; None when ``pattern`` has neither part."""
+    match = _SELECTION.match(pattern)
+    if match is None or (match["index"] is None and match["gates"] is None):
+        return None
+    name = match["name"]
+    if name not in parameters:
+        _match_pattern(model, name, parameters)  # raises, listing the parameters
+    index = (match["index"] or ":").split(",")
+    if len(index) > 2:
+        raise NoTargetsError(f"target {pattern!r} selects {len(index)} dims; expected [rows] or [rows, cols]")
+    rows, cols = (_parse_slice(i, pattern) for i in [*index, ":"][:2])
+    base = _target_for_name(model, name, parameters[name])
+    gates, gate_names = base.gates, base.gate_names
+    if match["gates"] is not None:
+        word = match["gates"].lower()
+        if word in GATE_KEYWORDS:
+            gate_names, gates = GATE_KEYWORDS[word]
+        elif word.isdigit() and int(word) >= 1:
+            gate_names, gates = (), int(word)
+        else:
+            raise NoTargetsError(f"unknown gate count {match['gates']!r} in target {pattern!r}; expected "
+                                 f"a positive integer or one of {', '.join(GATE_KEYWORDS)}")
+    shape = tuple(parameters[name].shape)
+    if len(shape) < 2:
+        raise NoTargetsError(f"target {pattern!r}: {name} has shape {shape}; slices and gates need 2 dims")
+    out = len(range(*rows.indices(shape[0])))
+    width = len(range(*cols.indices(shape[1])))
+    if out == 0 or width == 0 or out % gates:
+        raise NoTargetsError(f"target {pattern!r} selects a ({out}, {width}) block of {name} {shape}, "
+                             f"which cannot hold {gates} gate blocks")
+    kind = base.kind if len(shape) > 2 else ("recurrent" if out // gates == width else "linear")
+    return Target(name=name, shape=shape, kind=kind, rows=rows, cols=cols, gates=gates,
+                  gate_names=gate_names if gates > 1 else (), module=base.module,
+                  evidence=f"named explicitly as {pattern!r}")
+
+
 def _match_pattern(model: nn.Module, pattern: str, parameters: dict[str, nn.Parameter]) -> list[Target]:
+    if not pattern.startswith("re:") and pattern not in parameters:
+        selected = _selected_target(model, pattern, parameters)
+        if selected is not None:
+            return [selected]
     if pattern.startswith("re:"):
         regex = re.compile(pattern[3:])
         names = [n for n in parameters if regex.fullmatch(n)]
@@ -221,12 +282,28 @@ def discover_targets(model: nn.Module, spec: str | Sequence[str], context: Disco
             found.setdefault(target.name, target)
     found = {name: target for name, target in found.items() if name not in excluded}
     if not found:
-        raise NoTargetsError(
-            f"nothing to regularize in {type(model).__name__} with targets={spec!r}. "
-            "For custom cells pass example inputs (attach(model, example_inputs=(x,))) so the "
-            "dataflow pass can find the recurrence, or name the weights: "
-            "targets=['rnn.weight_hh_l0', 're:.*h2h.*'], or targets='linear'/'conv'.")
+        raise NoTargetsError(_nothing_found(model, spec, context))
     return list(found.values())
+
+
+def _nothing_found(model: nn.Module, spec: Any, context: DiscoveryContext) -> str:
+    name = type(model).__name__
+    if context.example_inputs is None:
+        return (f"nothing to regularize in {name} with targets={spec!r}. For custom cells pass "
+                "example inputs (attach(model, example_inputs=(x,))) so the dataflow pass can find "
+                "the recurrence, or name the weights: targets=['rnn.weight_hh_l0', 're:.*h2h.*'], "
+                "or targets='linear'/'conv'.")
+    traced = "the driver" if context.driver is not None else f"{name}.{context.method}()"
+    return (f"nothing to regularize in {name} with targets={spec!r}: in one call of {traced} on "
+            "the example inputs no weight reads the output of an earlier use of itself. If the "
+            "model computes one time step (hidden = model(x_t, hidden)), the recurrence closes "
+            "outside the model, in the training script's loop. Two ways: (a) trace that loop: "
+            "attach(model, driver=run_steps, example_inputs=(xs, h0)) with "
+            "def run_steps(model, xs, h): for x in xs: out, h = model(x, h); return out "
+            "(a few steps are enough); (b) name the hidden-state block of the weight: "
+            "targets=['i2h.weight[:, 57:89]'] (its columns reading h), with '@4' or '@lstm' for "
+            "4 stacked gates. Models with no weight in a loop (Transformers, minGRU scans) have "
+            "nothing to find.")
 
 
 def describe_spec(spec: Any) -> str:

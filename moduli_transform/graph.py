@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-from .capture import GraphCaptureError, capture, flat_graph, parameter_names, user_inputs
+from .capture import GraphCaptureError, capture
 from .layout import CATS as _CATS, gate_count, input_ranges, merge_ranges
 from .layout import node_arg as _arg, node_shape as _shape, node_value as _value
 from .targets import Target
@@ -201,15 +201,28 @@ def _matmul_pair(node, flow, left, right):
     only seed the reachability, e.g. a learnable initial state times W_hh). ``W`` may be a
     batch of matrices (``W.expand(B, n, m)`` for bmm); its last two dims are the matrix."""
     uses = []
-    if flow.is_matrix(right):
+    if flow.is_matrix(right) and not _state_product(right, flow):
         uses.append(_Use(node, right, left, -1, 0, -1, label="h @ W, parameter as (in, out)",
                          batched=True))
-    if flow.is_matrix(left):
+    if flow.is_matrix(left) and not _state_product(left, flow):
         data_dim = -2 if len(_shape(right)) >= 2 else -1
         out_dim = -2 if len(_shape(right)) >= 2 else -1
         uses.append(_Use(node, left, right, data_dim, 1, out_dim, batched=True,
                          label="W @ h, parameter as (out, in)"))
     return uses
+
+
+_PRODUCTS = {aten.matmul.default, aten.mm.default, aten.bmm.default, aten.mv.default,
+             aten.addmm.default, aten.linear.default}
+
+
+def _state_product(node, flow) -> bool:
+    """A weight applied to a constant state (``zeros(B, H) @ n`` at the first step of a
+    low-rank RNN) is a state, not a weight, although only parameters reach it; a product of
+    parameters alone (``m @ n.T`` assembled as the weight) stays a weight."""
+    return node.target in _PRODUCTS and any(
+        isinstance(a, fx.Node) and flow.state.get(a) == CONST and len(_shape(a)) >= 1
+        for a in node.all_input_nodes)
 
 
 @_use_rule(aten.matmul.default, aten.mm.default, aten.bmm.default, aten.mv.default)
@@ -499,7 +512,8 @@ def _findings(uses: list[_Use], flow: _Dataflow, tables, bits: dict[str, int],
 
 
 def find_recurrent_targets(model: nn.Module, example_inputs: tuple, method: str = "forward",
-                           example_kwargs: dict | None = None) -> list[Target]:
+                           example_kwargs: dict | None = None,
+                           driver: Callable | None = None) -> list[Target]:
     """Targets for every parameter used inside a recurrent loop of ``model.<method>``.
 
     Args:
@@ -507,6 +521,8 @@ def find_recurrent_targets(model: nn.Module, example_inputs: tuple, method: str 
         example_inputs: positional inputs with at least two time steps (T=2..3 suffices).
         method: the method training calls (``forward``, ``step``, ``generate``, ...).
         example_kwargs: keyword inputs of that method.
+        driver: ``fn(model, *example_inputs)`` running the training script's own step loop,
+            traced instead of the method when the recurrence closes outside the model.
 
     Returns:
         One Target per recurrent parameter, in ``model.named_parameters()`` order, named
@@ -520,10 +536,9 @@ def find_recurrent_targets(model: nn.Module, example_inputs: tuple, method: str 
         >>> [(t.name, t.gates) for t in find_recurrent_targets(rnn, (torch.randn(2, 1, 3),))]
         [('weight_hh_l0', 3), ('weight_hh_l1', 3)]
     """
-    program, prefix = capture(model, example_inputs, method, example_kwargs)
-    graph = flat_graph(program)
-    parameters = parameter_names(model, program, prefix)
-    flow = _classify(graph, parameters, user_inputs(program))
+    captured = capture(model, example_inputs, method, example_kwargs, driver)
+    graph, parameters = captured.graph, captured.parameters
+    flow = _classify(graph, parameters, captured.inputs)
     uses = [use for node in graph.nodes
             if node.op == "call_function" and node.target in USE_RULES
             for use in USE_RULES[node.target](node, flow)]

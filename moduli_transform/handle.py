@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import REINITS, ModuliConfig
-from .hooks import HookSet, current_backward_id
+from .hooks import HookSet, current_backward_id, keep_alive, register_attachment, release
 from .ordering import order_neurons
 from .pruning import MagnitudeSparsifier
 from .regularizer import ModuliRegularizer
@@ -34,12 +34,16 @@ class ModuliHandle:
         loss.backward(); optimizer.step(); handle.step()
 
     With ``auto=True`` the penalty gradient is added during backward and the schedule
-    advances once per backward pass; the training loop is left unchanged.
+    advances once per step of an optimizer holding the targets (``schedule_on="optimizer"``;
+    once per backward pass while no such optimizer has been seen, and always with
+    ``schedule_on="backward"``); the training loop is left unchanged. The handle then
+    lives as long as the model, which it holds weakly.
     """
 
     def __init__(self, model: nn.Module, targets: list[Target], config: ModuliConfig,
                  regularizers: dict[str, ModuliRegularizer]) -> None:
-        self.model = model
+        self._model_ref = weakref.ref(model)
+        self._model = None if config.auto else model  # auto: the model keeps the handle alive
         self.config = config
         self.targets = targets
         self.regularizers = regularizers
@@ -60,10 +64,24 @@ class ModuliHandle:
         self._pending_steps = 0
         self._last_backward = -1
         self._in_step = False
+        self._optimizer_seen = False
+        self._in_optimizer = False
         self._initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self._embedding_optimizer = self._make_embedding_optimizer()
         self._hooks = HookSet()
         self._install_hooks()
+        weakref.finalize(self, self._hooks.remove)
+        register_attachment(model, self)
+        if config.auto:
+            keep_alive(model, self)
+
+    @property
+    def model(self) -> nn.Module:
+        """The model the handle is attached to."""
+        model = self._model_ref()
+        if model is None:
+            raise ValueError("the model of this handle was garbage-collected")
+        return model
 
     # -- set-up ---------------------------------------------------------------------------
     def _make_embedding_optimizer(self) -> torch.optim.Optimizer | None:
@@ -98,13 +116,12 @@ class ModuliHandle:
         for name in hooked:
             self._hooks.on_gradient(self._parameters[name], self._gradient_hook(name))
         if self.masks or self.config.auto:
-            self._hooks.on_optimizer_step(self._after_optimizer_step)
+            self._hooks.on_optimizer_step(self._before_optimizer_step, self._after_optimizer_step)
         if self.config.auto:
             owners = {t.module for t in self.targets if t.name in hooked}
             modules = dict(self.model.named_modules())
-            for owner in sorted(owners):
-                if owner in modules:
-                    self._hooks.on_forward(modules[owner], self._resolve_pending)
+            self._hooks.on_forward([modules[o] for o in sorted(owners) if o in modules],
+                                   self._resolve_pending)
 
     def _gradient_hook(self, name: str) -> Callable[[nn.Parameter], None]:
         # Tensor hooks are invisible to the garbage collector: hold the handle weakly there.
@@ -124,8 +141,9 @@ class ModuliHandle:
             backward = current_backward_id()
             if backward != self._last_backward:  # first target hook of a new backward pass
                 self._last_backward = backward
-                self._resolve_pending()
-                self._pending_steps += 1
+                if self._counts_backward():
+                    self._resolve_pending()
+                    self._pending_steps += 1
             if name in self.regularizers:
                 self._add_penalty_gradient(name, parameter)
         if name in self.masks and parameter.grad is not None:
@@ -145,14 +163,37 @@ class ModuliHandle:
             if grad is not None:
                 tensor.grad = grad if tensor.grad is None else tensor.grad + grad
 
+    def _counts_backward(self) -> bool:
+        """Whether a backward pass advances the schedule (else the optimizer steps do)."""
+        return self.config.schedule_on == "backward" or not self._optimizer_seen
+
+    def _holds_targets(self, optimizer: torch.optim.Optimizer) -> bool:
+        ours = {id(self._parameters[t.name]) for t in self.targets}
+        return any(id(p) in ours for group in optimizer.param_groups for p in group["params"])
+
+    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # LBFGS calls the closure (forward + backward) several times inside one step: with
+        # schedule_on="optimizer" those backward passes must not count.
+        if self._in_step or not self.config.auto or self.config.schedule_on != "optimizer":
+            return
+        if self._holds_targets(optimizer):
+            self._optimizer_seen = True
+            self._in_optimizer = True
+            self._pending_steps = 0
+
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self._in_step:
             return
         if self.config.auto:
+            if self._in_optimizer:
+                self._in_optimizer = False
+                self._pending_steps = 1
             self._resolve_pending()
         self.apply_masks()
 
     def _resolve_pending(self) -> None:
+        if self._in_optimizer:
+            return
         while self._pending_steps > 0:
             self._pending_steps -= 1
             self.step()
@@ -294,6 +335,8 @@ class ModuliHandle:
         """Detach everything: pruned zeros baked in, no hooks; returns the plain model."""
         self.apply_masks()
         self._hooks.remove()
+        self._model = self.model
+        release(self._model)
         self.config = copy.copy(self.config)
         self.config.auto = False
         return self.model

@@ -1,19 +1,22 @@
 """Hooks that keep pruned weights at zero and, in auto mode, need no change to the loop.
 
-Three places are hooked, none of them renames a parameter or wraps a module:
+None of them is stored on the model: no parameter is renamed, no module wrapped, and the
+module's own hook tables stay empty, so ``torch.save(model)`` pickles exactly what the
+user's code would save without us (it loads with ``weights_only=True`` where
+moduli-transform is not installed) and ``copy.deepcopy`` gives a plain model.
 
 * each target parameter's post-accumulate-grad hook (fires once per backward with the
-  summed gradient): adds the penalty gradient (auto mode) and zeroes the gradient of
-  pruned weights, so hand-written updates ``p.data.add_(-lr * p.grad)`` keep them at zero;
-* a global optimizer post-step hook (every ``torch.optim`` optimizer, LBFGS included):
-  re-applies the masks after the update, so momentum or weight decay cannot revive a
-  pruned weight, and in auto mode advances the pruning schedule;
-* a forward pre-hook on the modules that own target parameters (auto mode): advances a
-  pending schedule step before the next forward when no torch optimizer is used.
+  summed gradient; PyTorch drops tensor hooks when pickling or copying): adds the penalty
+  gradient (auto mode) and zeroes the gradient of pruned weights, so hand-written updates
+  ``p.data.add_(-lr * p.grad)`` keep them at zero;
+* global optimizer pre- and post-step hooks (every ``torch.optim`` optimizer, LBFGS
+  included): after the update the masks are re-applied, so momentum or weight decay cannot
+  revive a pruned weight, and in auto mode the pruning schedule advances;
+* a global module forward pre-hook filtered to the modules owning targets (auto mode):
+  advances a pending schedule step before the next forward when no optimizer is used.
 
-Hooks do not survive pickling or ``copy.deepcopy`` of the model: tensor hooks are dropped
-by PyTorch itself and module hooks reduce to a no-op, so a saved or copied model is a
-plain model.
+The model keeps its auto-mode handle alive through :func:`keep_alive`, a registry keyed
+by the model's identity that forgets the handle when the model is collected.
 """
 
 from __future__ import annotations
@@ -23,36 +26,54 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.nn.modules.module import register_module_forward_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["HookSet", "current_backward_id"]
+__all__ = ["HookSet", "attached_handle", "current_backward_id", "keep_alive", "register_attachment", "release"]
 
-
-def _noop_hook(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-class _UnpicklableCallback:
-    """A hook callback that pickles/deep-copies as a no-op instead of dragging the handle along."""
-
-    def __init__(self, callback: Callable) -> None:
-        self.callback = callback
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.callback(*args, **kwargs)
-
-    def __reduce__(self):
-        return (_noop_factory, ())
-
-
-def _noop_factory() -> Callable:
-    return _noop_hook
+# id(model) -> (weak reference to the model, weak reference to its handle)
+_ATTACHED: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+# id(model) -> auto-mode handle, kept alive exactly as long as the model
+_KEPT: dict[int, Any] = {}
 
 
 def current_backward_id() -> int:
     """An id of the running backward pass (distinct per ``.backward()`` call)."""
     return int(torch._C._current_graph_task_id())
+
+
+def attached_handle(model: nn.Module) -> Any | None:
+    """The live handle attached to ``model`` (None when there is none, or it was removed)."""
+    entry = _ATTACHED.get(id(model))
+    if entry is None or entry[0]() is not model:
+        return None
+    return entry[1]()
+
+
+def register_attachment(model: nn.Module, handle: Any) -> None:
+    """Record ``handle`` as attached to ``model`` (held weakly)."""
+    key = id(model)
+    _ATTACHED[key] = (weakref.ref(model), weakref.ref(handle))
+    weakref.finalize(model, _forget, key)
+
+
+def _forget(key: int) -> None:
+    entry = _ATTACHED.get(key)
+    if entry is not None and entry[0]() is None:  # not a newer model that reused the id
+        _ATTACHED.pop(key, None)
+        _KEPT.pop(key, None)
+
+
+def keep_alive(model: nn.Module, handle: Any) -> None:
+    """Keep ``handle`` alive while ``model`` lives (the handle must hold the model weakly)."""
+    _KEPT[id(model)] = handle
+
+
+def release(model: nn.Module) -> None:
+    """Forget the attachment of ``model`` (after ``handle.remove()``)."""
+    _ATTACHED.pop(id(model), None)
+    _KEPT.pop(id(model), None)
 
 
 class HookSet:
@@ -64,23 +85,26 @@ class HookSet:
     def on_gradient(self, parameter: nn.Parameter, callback: Callable[[nn.Parameter], None]) -> None:
         self._handles.append(parameter.register_post_accumulate_grad_hook(callback))
 
-    def on_optimizer_step(self, callback: Callable[[torch.optim.Optimizer], None]) -> None:
-        """``callback`` must be a bound method; the global hook holds it weakly, so a handle
-        whose model is gone does not stay alive (nor slow down other optimizers)."""
+    def on_optimizer_step(self, before: Callable[[torch.optim.Optimizer], None],
+                          after: Callable[[torch.optim.Optimizer], None]) -> None:
+        """``before``/``after`` must be bound methods; the global hooks hold them weakly, so
+        a handle whose model is gone does not stay alive (nor slow down other optimizers)."""
+        for register, callback in ((register_optimizer_step_pre_hook, before),
+                                   (register_optimizer_step_post_hook, after)):
+            self._handles.append(register(_weak_optimizer_hook(weakref.WeakMethod(callback))))
+
+    def on_forward(self, modules: list[nn.Module], callback: Callable[[], None]) -> None:
+        """Call the bound method ``callback`` before the forward of any of ``modules``."""
+        owners = weakref.WeakSet(modules)
         method = weakref.WeakMethod(callback)
 
-        def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            bound = method()
-            if bound is not None:
-                bound(optimizer)
-
-        self._handles.append(register_optimizer_step_post_hook(hook))
-
-    def on_forward(self, module: nn.Module, callback: Callable[[], None]) -> None:
         def hook(module: nn.Module, inputs: Any) -> None:
-            callback()
+            if module in owners:
+                bound = method()
+                if bound is not None:
+                    bound()
 
-        self._handles.append(module.register_forward_pre_hook(_UnpicklableCallback(hook)))
+        self._handles.append(register_module_forward_pre_hook(hook))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -89,3 +113,12 @@ class HookSet:
 
     def __len__(self) -> int:
         return len(self._handles)
+
+
+def _weak_optimizer_hook(method: weakref.WeakMethod) -> Callable:
+    def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        bound = method()
+        if bound is not None:
+            bound(optimizer)
+
+    return hook

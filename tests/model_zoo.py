@@ -906,6 +906,78 @@ class NeuralCDE(nn.Module):
         return self.readout(z)
 
 
+class StepCharRNN(nn.Module):
+    """Char-RNN whose training script steps it: ``output, hidden = model(x_t, hidden)``;
+    the recurrence closes outside the model, so the pass needs :func:`char_rnn_loop`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.i2h = nn.Linear(I + H, H)
+        self.i2o = nn.Linear(I + H, O)
+
+    def forward(self, x: torch.Tensor, hidden: torch.Tensor):
+        combined = torch.cat((x, hidden), 1)
+        return self.i2o(combined), torch.tanh(self.i2h(combined))
+
+
+def char_rnn_loop(model: nn.Module, line: torch.Tensor) -> torch.Tensor:
+    """The training script's loop over the characters of a line (the driver)."""
+    hidden = torch.zeros(line.shape[0], H)
+    for t in range(line.shape[1]):
+        output, hidden = model(line[:, t], hidden)
+    return output
+
+
+class CausalTransformer(nn.Module):
+    """nn.TransformerEncoder given a causal mask: PyTorch's own ``is_causal`` detection
+    compares mask values, which torch.export refuses; no weight is in a loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d_model=4, nhead=1, dim_feedforward=8, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+        self.embed = nn.Linear(I, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        return self.encoder(self.embed(x), mask=mask)
+
+
+class ClampedIndRNN(nn.Module):
+    """IndRNN whose forward clamps the recurrent weights through ``.data`` (as the IndRNN
+    reference code does to keep |u| bounded); torch.export lifts the clamped tensor as a
+    constant, the recording sees it as the parameter updated in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_weight = nn.Linear(I, H)
+        self.weight_hh = nn.Parameter(torch.rand(H))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.weight_hh.data = self.weight_hh.data.clamp(-1.0, 1.0)
+        h = x.new_zeros(x.shape[0], H)
+        for t in range(x.shape[1]):
+            h = torch.relu(self.input_weight(x[:, t]) + self.weight_hh * h)
+        return h
+
+
+class LowRankRNN(nn.Module):
+    """Low-rank RNN (Mastrogiuseppe & Ostojic 2018): ``J = m n^T / H`` applied as
+    ``h @ n @ m.T``; each factor is in the loop only through the other: kind "linear"."""
+
+    def __init__(self, rank: int = 2) -> None:
+        super().__init__()
+        self.m = nn.Parameter(torch.randn(H, rank))
+        self.n = nn.Parameter(torch.randn(H, rank))
+        self.input = nn.Linear(I, H)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.shape[0], H)
+        for t in range(x.shape[1]):
+            h = h + 0.5 * (-h + torch.tanh(h) @ self.n @ self.m.T / H + self.input(x[:, t]))
+        return h
+
+
 @dataclass
 class ZooCase:
     """One model style with its example inputs and the targets the pass must find."""
@@ -915,7 +987,8 @@ class ZooCase:
     inputs: Callable[[], tuple]
     expected: set = field(default_factory=set)
     method: str = "forward"
-    targets: object = "recurrent"  # for NOT_CAPTURED: the way out the ground truth is for
+    targets: object = "recurrent"  # for EXPORT_REFUSES: the way out the ground truth is for
+    driver: Callable | None = None  # the training script's step loop, when forward is one step
 
 
 LSTM_HH, GRU_HH = (4 * H, H), (3 * H, H)
@@ -1027,11 +1100,22 @@ ZOO = [
             {("func.linear1.weight", "linear", ALL, ALL, 1), ("func.linear2.weight", "linear", ALL, ALL, 1)}),
 ]
 
-# Models torch.export cannot capture: the pass must raise GraphCaptureError naming the ways
-# out, and the way out in ``targets`` must give ``expected``.
-NOT_CAPTURED = [
+ZOO += [
+    ZooCase("char_rnn_script_loop", StepCharRNN, lambda: (sequence(),),
+            {("i2h.weight", "recurrent", ALL, (I, I + H), 1)}, driver=char_rnn_loop),
+    ZooCase("low_rank_rnn", LowRankRNN, lambda: (sequence(),),
+            {("m", "linear", ALL, ALL, 1), ("n", "linear", ALL, ALL, 1)}),
+]
+
+# Models torch.export refuses; the recording on the real values captures them. The way out
+# in ``targets`` (no tracing) must give ``expected`` too. They are part of ZOO.
+EXPORT_REFUSES = [
     ZooCase("packed_sequence", PackedSequenceLSTM, lambda: (sequence(), torch.tensor([T, T - 1])),
             {("lstm.weight_hh_l0", "recurrent", ALL, ALL, 4)}, targets="types"),
     ZooCase("data_dependent_exit", DataDependentRNN, lambda: (sequence(),),
             {("cell.weight_hh", "recurrent", ALL, ALL, 1)}, targets="types"),
+    ZooCase("transformer_is_causal", CausalTransformer, lambda: (sequence(),), set(), targets="types"),
+    ZooCase("indrnn_data_clamp", ClampedIndRNN, lambda: (sequence(),),
+            {("weight_hh", "elementwise", ALL, ALL, 1)}, targets=["weight_hh"]),
 ]
+ZOO += EXPORT_REFUSES

@@ -98,6 +98,7 @@ def test_exclusions_drop_what_other_entries_found():
     inputs = (torch.randint(0, 11, (2, 4)),)
     handle = mt.attach(model, example_inputs=inputs, targets=["recurrent", "!attention.weight", "!re:decoder\\.weight_ih"])
     assert {t.name for t in handle.targets} == {"encoder.weight_hh_l0", "decoder.weight_hh"}
+    handle.remove()
     with pytest.raises(ValueError, match="'nope' matches no parameter"):
         mt.attach(model, example_inputs=inputs, targets=["recurrent", "!nope"])
     with pytest.raises(ValueError, match="nothing to regularize"):

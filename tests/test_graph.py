@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from model_zoo import (ALL, B, H, I, NOT_CAPTURED, T, ZOO, DataDependentRNN, StatefulGRU, StepModel,
+from model_zoo import (ALL, B, H, I, EXPORT_REFUSES, T, ZOO, DataDependentRNN, StatefulGRU, StepModel,
                        WeightDropLSTM, ZooCase, sequence)
 from moduli_transform.graph import GraphCaptureError, find_recurrent_targets
 from moduli_transform.inspection import format_targets, register
@@ -20,7 +20,8 @@ def key(target) -> tuple:
 def discover(case: ZooCase, steps_inputs: tuple | None = None):
     torch.manual_seed(0)
     model = case.factory()
-    return model, find_recurrent_targets(model, steps_inputs or case.inputs(), method=case.method)
+    return model, find_recurrent_targets(model, steps_inputs or case.inputs(), method=case.method,
+                                         driver=case.driver)
 
 
 @pytest.mark.parametrize("case", ZOO, ids=[case.name for case in ZOO])
@@ -176,27 +177,48 @@ def test_example_kwargs_are_passed() -> None:
     assert {key(t) for t in targets} == case.expected
 
 
-def test_data_dependent_control_flow_raises_with_ways_out() -> None:
+@pytest.mark.parametrize("case", EXPORT_REFUSES, ids=[case.name for case in EXPORT_REFUSES])
+def test_export_refuses_and_the_recording_on_real_values_captures(case: ZooCase) -> None:
+    """The ground truth of these cases (checked in test_zoo_ground_truth) comes from the
+    second capture: torch.export really refuses them."""
+    from moduli_transform.capture import capture
+
+    model = case.factory()
+    with pytest.raises(Exception):
+        torch.export.export(model, case.inputs(), strict=False)
+    assert capture(model, case.inputs()).how == "recorded on the real values"
+
+
+def test_when_every_capture_fails_the_error_names_the_users_line(monkeypatch) -> None:
+    import moduli_transform.capture as capture_module
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no recording")
+
+    monkeypatch.setattr(capture_module, "_capture_real", refuse)
     with pytest.raises(GraphCaptureError) as error:
         find_recurrent_targets(DataDependentRNN(), (sequence(),))
     message = str(error.value)
     assert isinstance(error.value, ValueError)
-    assert "DataDependentRNN" in message
-    assert "method=" in message and "targets='types'" in message and "re:" in message
+    assert "DataDependentRNN" in message and "at model_zoo.py:" in message and "<string>" not in message
+    assert "method=" in message and "driver=" in message and "targets='types'" in message
+    assert "cell.weight_hh" in message  # what targets='types' finds here
 
 
-@pytest.mark.parametrize("case", NOT_CAPTURED, ids=[case.name for case in NOT_CAPTURED])
-def test_not_captured_names_the_line_and_the_ways_out(case: ZooCase) -> None:
-    with pytest.raises(GraphCaptureError) as error:
-        find_recurrent_targets(case.factory(), case.inputs(), method=case.method)
-    message = str(error.value)
-    assert type(case.factory()).__name__ in message and "at model_zoo.py:" in message
-    assert "method=" in message and "targets='types'" in message and "re:" in message
-    if case.targets == "types":  # the message names what that way out finds here
-        assert all(name in message for name, *_ in case.expected)
+def test_a_model_without_forward_is_told_its_methods() -> None:
+    class Sampler(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = nn.RNNCell(I, H)
+
+        def sample(self, x):
+            return self.cell(x)
+
+    with pytest.raises(GraphCaptureError, match=r"no forward\(\) to trace; its methods: sample"):
+        find_recurrent_targets(Sampler(), (sequence(),))
 
 
-def test_torchscript_modules_get_a_hint() -> None:
+def test_torchscript_cells_are_recorded_through() -> None:
     class ScriptedCell(torch.jit.ScriptModule):
         def __init__(self) -> None:
             super().__init__()
@@ -212,13 +234,12 @@ def test_torchscript_modules_get_a_hint() -> None:
             self.cell = ScriptedCell()
 
         def forward(self, x):
-            h = x[:, 0, :1].expand(-1, H)
+            h = torch.tanh(x[:, 0, :1].expand(-1, H))
             for _ in range(x.shape[1]):
                 h = self.cell(h)
             return h
 
-    with pytest.raises(GraphCaptureError, match="PYTORCH_JIT=0"):
-        find_recurrent_targets(Loop(), (sequence(),))
+    assert [t.name for t in find_recurrent_targets(Loop(), (sequence(),))] == ["cell.weight_hh"]
 
 
 def test_traced_code_leaves_no_tensor_on_the_model() -> None:
@@ -280,12 +301,14 @@ def test_inspect_command(tmp_path, capsys) -> None:
         "from torch import nn\n"
         "def lstm_cells():\n    return CellLoop(nn.LSTMCell)\n"
         "def lm():\n    return TiedLSTMLanguageModel()\n"
-        "def broken():\n    return DataDependentRNN()\n" % str(__import__("pathlib").Path(__file__).parent))
+        "class Sampler(nn.Module):\n    def sample(self, x):\n        return x\n"
+        "def broken():\n    return Sampler()\n" % str(__import__("pathlib").Path(__file__).parent))
     assert _run_inspect(["inspect", f"{source}:lstm_cells", "--input-shape", f"{B},{T},{I}"]) == 0
     out = capsys.readouterr().out
     assert "cell.weight_hh" in out and "4 (ifgo)" in out and "weight_ih" not in out
     assert _run_inspect(["inspect", f"{source}:lm", "--input-shape", f"{T},{B}", "--dtype", "long"]) == 0
     assert "rnn.weight_hh_l1" in capsys.readouterr().out
     assert _run_inspect(["inspect", f"{source}:broken", "--input-shape", f"{B},{T},{I}"]) == 2
-    assert "targets='types'" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "targets='types'" in error and "its methods: sample" in error
     assert _run_inspect(["inspect", "no_colon_here"]) == 2
