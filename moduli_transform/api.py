@@ -10,6 +10,7 @@ from torch import nn
 
 from .config import ModuliConfig, config_from_kwargs
 from .discovery import DiscoveryContext, discover_targets
+from .effective import keeps_zeros, parametrized
 from .handle import ModuliHandle
 from .hooks import attached_handle
 from .inhibitors import get_inhibitor
@@ -59,6 +60,7 @@ def attach(model: nn.Module, config: ModuliConfig | None = None, *, example_inpu
     context = DiscoveryContext(example_inputs, example_kwargs, method, driver)
     targets = discover_targets(model, config.targets, context)
     _warn_if_nothing_prunable(config, targets)
+    _check_parametrized(model, config, targets)
     manifold = get_manifold(config.manifold, **config.manifold_options)
     inhibitor = get_inhibitor(config.inhibitor, **config.inhibitor_options)
     generator = torch.Generator().manual_seed(config.seed)
@@ -95,6 +97,30 @@ def _check_model(model: nn.Module) -> None:
             f"parameters on the meta device ({', '.join(meta[:3])}{' ...' if len(meta) > 3 else ''}) "
             "have no values to regularize or prune; materialize them first "
             "(model.to_empty(device='cpu') and initialise or load weights), then attach")
+
+
+def _check_parametrized(model: nn.Module, config: ModuliConfig, targets: list) -> None:
+    """Pruning through a parametrization is refused unless its zeros are the weight's zeros."""
+    for target in targets:
+        regularized = target.regularize and target.kind not in ("elementwise", "extra")
+        prunable = config.sparsity is not None and (
+            target.kind != "elementwise" or config.regularize_elementwise)
+        where = parametrized(model, target.name)
+        if not (regularized or prunable) or where is None or keeps_zeros(where):
+            continue
+        if tuple(where.weight().shape) != target.shape:
+            raise ValueError(
+                f"target {target.name!r} is stored for {where.attribute} = {where.describe()}"
+                f"({where.original}) of shape {tuple(where.weight().shape)}, not {target.shape}: "
+                "neither the penalty nor the masks can be placed on it; drop it with "
+                f"targets=[..., '!{target.name}']")
+        if prunable:
+            raise ValueError(
+                f"cannot prune {target.name!r}: it is stored for a parametrization "
+                f"({where.describe()}) in which a zero of the stored tensor is not a zero of "
+                f"{where.attribute}, so masks there would not sparsify the weight the model "
+                "computes with. Attach with sparsity=None (the moduli penalty then acts on the "
+                "effective weight), or prune another weight")
 
 
 def _warn_if_nothing_prunable(config: ModuliConfig, targets: list) -> None:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import REINITS, ModuliConfig
+from .effective import Parametrized, keeps_zeros, parametrized
 from .hooks import HookSet, current_backward_id, keep_alive, register_attachment, release
 from .ordering import order_neurons
 from .pruning import MagnitudeSparsifier
@@ -48,6 +49,12 @@ class ModuliHandle:
         self.targets = targets
         self.regularizers = regularizers
         self._parameters = dict(model.named_parameters())
+        # parametrized targets: sparsity() measures the computed weight; where the stored
+        # tensor's zeros are not the weight's, the penalty acts on the computed weight too
+        self._parametrized: dict[str, Parametrized] = {
+            t.name: where for t in targets if (where := parametrized(model, t.name)) is not None}
+        self._penalize_effective = {name for name, where in self._parametrized.items()
+                                    if not keeps_zeros(where)}
         self._prunable = [t for t in targets if t.kind != "elementwise" or config.regularize_elementwise]
         self.masks: dict[str, Tensor] = {}
         if config.sparsity is not None:
@@ -153,12 +160,17 @@ class ModuliHandle:
         regularizer = self.regularizers[name]
         embeddings = regularizer.embedding_tensors() if regularizer.trained else []
         with torch.enable_grad():
-            weight = parameter.detach().requires_grad_(True)
-            penalty = regularizer.penalty(weight)
+            if name in self._penalize_effective:  # d penalty(f(original)) / d original
+                weight = parameter
+                penalty = regularizer.penalty(self._parametrized[name].weight())
+            else:
+                weight = parameter.detach().requires_grad_(True)
+                penalty = regularizer.penalty(weight)
             if not penalty.requires_grad:
                 return
             grads = torch.autograd.grad(penalty, [weight, *embeddings], allow_unused=True)
-        parameter.grad.add_(grads[0])
+        if grads[0] is not None:
+            parameter.grad.add_(grads[0])
         for tensor, grad in zip(embeddings, grads[1:]):
             if grad is not None:
                 tensor.grad = grad if tensor.grad is None else tensor.grad + grad
@@ -207,11 +219,25 @@ class ModuliHandle:
         """
         total = None
         for name, regularizer in self.regularizers.items():
-            term = regularizer.penalty(self._parameters[name])
+            term = regularizer.penalty(self._penalized_weight(name))
             total = term if total is None else total + term
         if total is None:
             total = torch.zeros(())
         return total.detach() if self.config.auto else total
+
+    def _penalized_weight(self, name: str) -> Tensor:
+        if name in self._penalize_effective:
+            return self._parametrized[name].weight()
+        return self._parameters[name]
+
+    def _computed_weight(self, name: str) -> Tensor:
+        """The weight the model computes with; the stored tensor when it is not parametrized,
+        or when the weight has another shape (weight_norm's magnitude ``g`` of shape (H, 1))."""
+        stored, where = self._parameters[name], self._parametrized.get(name)
+        if where is None:
+            return stored
+        weight = where.weight()
+        return weight if weight.shape == stored.shape else stored
 
     def step(self) -> None:
         """Advance one schedule step: update trained embeddings, prune, re-apply masks."""
@@ -254,10 +280,12 @@ class ModuliHandle:
 
     # -- results --------------------------------------------------------------------------
     def sparsity(self) -> dict[str, float]:
-        """Fraction of zero weights per target block and ``"overall"`` over all blocks."""
+        """Fraction of zero weights per target block and ``"overall"`` over all blocks, in the
+        weight the model computes with (a parametrized weight is recomputed)."""
         result, zeros, total = {}, 0, 0
         for target in self._prunable:
-            block = target.block(self._parameters[target.name]).detach()
+            with torch.no_grad():
+                block = target.block(self._computed_weight(target.name)).detach()
             n_zero = int((block == 0).sum())
             result[target.name] = n_zero / block.numel()
             zeros += n_zero

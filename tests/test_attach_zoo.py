@@ -12,7 +12,10 @@ import torch
 import moduli_transform as mt
 from model_zoo import EXPORT_REFUSES, ZOO
 
-CASES = [case for case in ZOO if any(kind != "elementwise" for _, kind, *_ in case.expected)]
+# orthogonal's zeros in `original` are not zeros of the weight: attach refuses to prune
+# through it (tests/test_parametrized.py)
+CASES = [case for case in ZOO if any(kind != "elementwise" for _, kind, *_ in case.expected)
+         and case.name != "orthogonal_parametrized"]
 
 
 def _loss(model, case, inputs):
