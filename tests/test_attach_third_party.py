@@ -134,6 +134,22 @@ def test_an_optimizer_of_another_model_does_not_advance_the_schedule():
     assert handle.step_count == 1
 
 
+def test_data_clamping_in_forward_is_an_update_of_the_parameter():
+    """IndRNN code clamps ``weight_hh.data`` in forward: export refuses, the recording on
+    real values finds the elementwise target, and the model's parameter is untouched."""
+    from model_zoo import ClampedIndRNN
+
+    model = ClampedIndRNN()
+    with torch.no_grad():
+        model.weight_hh.fill_(3.0)
+    handle = mt.attach(model, example_inputs=(sequence(),), regularize_elementwise=True,
+                       sparsity=0.4, total_steps=1)
+    assert [(t.name, t.kind) for t in handle.targets] == [("weight_hh", "elementwise")]
+    assert type(model.weight_hh) is nn.Parameter and bool((model.weight_hh == 3.0).all())
+    handle.step()
+    assert handle.sparsity()["weight_hh"] == 0.4
+
+
 # -- loops outside the model --------------------------------------------------------------
 def _key(target):
     return target.name, target.kind, target.cols.start, target.cols.stop, target.gates
