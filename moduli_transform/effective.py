@@ -6,7 +6,8 @@ from it at every access of ``<module>.<name>``. Pruning the stored tensor prunes
 only when a zero there is a zero in the weight (a mask ``W * M``, weight_norm's direction);
 through ``orthogonal`` (``matrix_exp``/``cayley`` of a skew matrix) a zeroed entry of
 ``original`` does not zero any entry of the weight. :func:`keeps_zeros` finds out by
-running the parametrization on a copy with half of its entries zeroed.
+running the parametrization on random values with half of the entries zeroed, in a checkerboard
+(no row or column all zero: weight_norm divides by their norms).
 """
 
 from __future__ import annotations
@@ -55,12 +56,15 @@ def keeps_zeros(where: Parametrized) -> bool:
     names = ["original"] if hasattr(chain, "original") else sorted(
         (n for n, _ in chain.named_parameters(recurse=False) if n.startswith("original")),
         key=lambda n: int(n[len("original"):]))
-    generator = torch.Generator().manual_seed(0)
     stored = getattr(chain, where.original)
-    zeroed = torch.rand(stored.shape, generator=generator).to(stored.device) < 0.5
+    coordinates = torch.meshgrid(*(torch.arange(n) for n in stored.shape), indexing="ij")
+    zeroed = (sum(coordinates) % 2 == 0).to(stored.device)
     originals = [getattr(chain, n).detach().clone() for n in names]
     index = names.index(where.original)
-    originals[index] = originals[index].masked_fill(zeroed, 0.0)
+    # probe values of our own: the stored ones may already hold pruned zeros
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(stored.shape, generator=generator).to(stored)
+    originals[index] = probe.masked_fill(zeroed, 0.0)
     weight = chain[0](*originals)
     for parametrization in list(chain)[1:]:
         weight = parametrization(weight)

@@ -97,7 +97,41 @@ def input_ranges(node, dim: int, reaches: Callable) -> list[tuple[int, int]]:
     # a view whose source does not reach got its value from an in-place write: all of it
     if found is not None and reaches(found[0]):
         return input_ranges(*found, reaches)
-    return [(0, shape[dim])]
+    written = _written_ranges(node, dim, shape[dim], reaches)
+    return written if written else [(0, shape[dim])]
+
+
+_WRITES = {aten.copy_.default}
+_BIG = 2 ** 62  # slice ends past the size (``z[:, I:]`` records stop=sys.maxsize)
+
+
+def _written_ranges(base: fx.Node, dim: int, size: int, reaches: Callable) -> list[tuple[int, int]]:
+    """Ranges along ``dim`` of ``base`` filled in place from values that reach an earlier
+    use: ``z[:, I:] = h`` is ``copy_(slice(z, 1, I, end), h)``. Empty when nothing of the
+    kind writes ``base`` (then the caller takes all of it)."""
+    ranges, pending = [], [(base, dim, 0, size)]
+    while pending:
+        view, view_dim, start, stop = pending.pop()
+        for user in view.users:
+            if user.target in _WRITES and user.args[0] is view:
+                if reaches(user.args[1]):
+                    ranges.append((start, stop))
+            elif user.target is aten.slice.Tensor and user.args[0] is view:
+                sliced = _arg(user, 1, "dim", 0) % max(len(_shape(view)), 1)
+                if sliced != view_dim:
+                    pending.append((user, view_dim, start, stop))
+                    continue
+                first = _arg(user, 2, "start", None) or 0
+                last = _arg(user, 3, "end", None)
+                width = stop - start
+                first = first + width if first < 0 else first
+                last = width if last is None or last >= _BIG else (last + width if last < 0 else last)
+                pending.append((user, view_dim, start + min(first, width), start + min(last, width)))
+            elif user.target is aten.select.int and user.args[0] is view:
+                selected = user.args[1] % len(_shape(view))
+                if selected != view_dim:
+                    pending.append((user, view_dim - (selected < view_dim), start, stop))
+    return ranges
 
 
 def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -978,6 +978,23 @@ class LowRankRNN(nn.Module):
         return h
 
 
+class InPlaceCatRNN(nn.Module):
+    """The cat written in place into a preallocated buffer: ``z[:, :I] = x; z[:, I:] = h``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = nn.Linear(I + H, H)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.shape[0], H)
+        for t in range(x.shape[1]):
+            z = x.new_empty(x.shape[0], I + H)
+            z[:, :I] = x[:, t]
+            z[:, I:] = h
+            h = torch.tanh(self.cell(z))
+        return h
+
+
 @dataclass
 class ZooCase:
     """One model style with its example inputs and the targets the pass must find."""
@@ -1103,6 +1120,8 @@ ZOO = [
 ZOO += [
     ZooCase("char_rnn_script_loop", StepCharRNN, lambda: (sequence(),),
             {("i2h.weight", "recurrent", ALL, (I, I + H), 1)}, driver=char_rnn_loop),
+    ZooCase("in_place_cat", InPlaceCatRNN, lambda: (sequence(),),
+            {("cell.weight", "recurrent", ALL, (I, I + H), 1)}),
     ZooCase("low_rank_rnn", LowRankRNN, lambda: (sequence(),),
             {("m", "linear", ALL, ALL, 1), ("n", "linear", ALL, ALL, 1)}),
 ]
