@@ -376,6 +376,7 @@ class _Finding:
     labels: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     from_cat: bool = False
+    transposed: bool = False
     direct: bool = False  # some loop returns to it through no other weight
     via: set = field(default_factory=set)  # weights whose outputs it reads, when not direct
 
@@ -405,7 +406,8 @@ class _Finding:
                               f"{used}; a per-neuron scale of a derived "
                               "recurrent weight, no off-diagonal structure"))
         selection = self.selection()
-        gates = self.gates if self.gates > 1 and self.shape[0] % self.gates == 0 else 1
+        stacked = self.shape[1] if self.transposed else self.shape[0]
+        gates = self.gates if self.gates > 1 and stacked % self.gates == 0 else 1
         rows, cols = (selection, slice(None)) if self.in_dim == 0 else (slice(None), selection)
         if selection == slice(None):
             what = "the whole input"
@@ -415,14 +417,16 @@ class _Finding:
                     f"{'cat ' if self.from_cat else ''}input")
         evidence = f"{used}; {what} reads the output of an earlier use" if self.steps else label
         if gates > 1 and not self.gate_names:
-            self.notes.append(f"output split into {gates} gates")
+            self.notes.append(f"output split into {gates} gates"
+                              + (" along the columns of the (in, out)-stored weight" if self.transposed else ""))
         kind = self.kind
         if kind == "recurrent" and not self.direct:
             kind = "linear"
             evidence += self._loop_through_others()
         return Target(name=self.name, shape=self.shape, kind=kind, rows=rows, cols=cols,
                       gates=gates, gate_names=self.gate_names if gates > 1 else (), module=module,
-                      evidence="; ".join([evidence, *dict.fromkeys(self.notes)]))
+                      evidence="; ".join([evidence, *dict.fromkeys(self.notes)]),
+                      transposed=self.transposed and gates > 1)
 
 
     def _loop_through_others(self) -> str:
@@ -460,11 +464,9 @@ def _record(finding: _Finding, use: _Use, ranges, weight_shape) -> None:
         if use.out_dim is not None:
             width = sum(b - a for a, b in merge_ranges(ranges)) or _shape(use.data)[use.data_dim]
             gates = gate_count(use.node, use.out_dim, width)
-            if finding.in_dim == 1:
-                finding.gates = gates
-            elif gates > 1:  # stored (in, out): the gate blocks are columns, Target has rows
-                finding.notes.append(f"output cut into {gates} gates along the parameter's "
-                                     "dim 1, treated as one block")
+            finding.gates = gates
+            # stored (in, out): the gate blocks are columns; the target reads the block transposed
+            finding.transposed = finding.in_dim == 0 and gates > 1
 
 
 def _closes_directly(use: _Use, name: str, tables, bits: dict[str, int]) -> tuple[bool, set]:

@@ -7,6 +7,9 @@ part of it is the recurrent (or regularized) block and how that block is laid ou
   ``cat([x, h])`` has only its hidden-state column slice as recurrent block);
 * ``gates`` is the number of gate blocks stacked along dim 0 inside ``rows``
   (``weight_hh`` of a GRU has 3, of an LSTM 4), each of shape ``(out_features, in_features)``;
+* ``transposed``: the weight is stored ``(in, out)`` (``h @ U`` with U of shape (H, 4H))
+  and the block is read as ``parameter[rows, cols].T``, so its gates are column blocks of
+  the stored tensor; everything downstream sees the usual ``(gates * out, in)`` block;
 * ``kind`` says how the block is penalized: ``"recurrent"`` (hidden -> hidden matrix),
   ``"linear"`` (feed-forward in -> out matrix), ``"conv"`` (channels x channels x kernel),
   ``"elementwise"`` (a 1-D recurrent vector, IndRNN style: listed, not regularized by
@@ -48,6 +51,7 @@ class Target:
     module: str = ""
     evidence: str = ""
     regularize: bool = True
+    transposed: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in TARGET_KINDS:
@@ -62,10 +66,11 @@ class Target:
                 f"target {self.name!r} of kind {self.kind!r} needs a parameter with at least "
                 f"2 dims, got shape {self.shape}"
             )
-        rows = _slice_length(self.rows, self.shape[0])
-        if self.gates < 1 or rows % self.gates:
+        stacked = _slice_length(*((self.cols, self.shape[1]) if self.transposed else (self.rows, self.shape[0])))
+        if self.gates < 1 or stacked % self.gates:
+            axis = "columns" if self.transposed else "rows"
             raise ValueError(
-                f"target {self.name!r}: {rows} rows cannot be split into {self.gates} gate blocks"
+                f"target {self.name!r}: {stacked} {axis} cannot be split into {self.gates} gate blocks"
             )
 
     @property
@@ -75,7 +80,7 @@ class Target:
             return self.shape
         rows = _slice_length(self.rows, self.shape[0])
         cols = _slice_length(self.cols, self.shape[1])
-        return (rows, cols, *self.shape[2:])
+        return (cols, rows) if self.transposed else (rows, cols, *self.shape[2:])
 
     @property
     def out_features(self) -> int:
@@ -96,10 +101,11 @@ class Target:
         """View of the target block inside ``parameter`` (shares storage)."""
         if self.kind == "elementwise":
             return parameter
-        return parameter[self.rows, self.cols]
+        block = parameter[self.rows, self.cols]
+        return block.T if self.transposed else block
 
     def __hash__(self) -> int:  # slices are unhashable before Python 3.12
-        return hash((self.name, self.kind, self.describe_slices(), self.gates))
+        return hash((self.name, self.kind, self.describe_slices(), self.gates, self.transposed))
 
     def with_changes(self, **changes) -> "Target":
         """A copy with some fields replaced."""
@@ -115,7 +121,7 @@ class Target:
 
         if self.kind == "elementwise":
             return "[:]"
-        return f"[{fmt(self.rows)}, {fmt(self.cols)}]"
+        return f"[{fmt(self.rows)}, {fmt(self.cols)}]" + (".T" if self.transposed else "")
 
 
 def gate_rows(units: torch.Tensor, gates: int, hidden: int | None = None) -> torch.Tensor:

@@ -858,8 +858,7 @@ class ViewGatesLSTM(nn.Module):
 
 class InOutGatesLSTM(nn.Module):
     """"LSTM by hand" tutorial style: ``x @ W + h @ U + bias`` with U stored (in, out) =
-    (H, 4H) and gates sliced from the columns. Target gates are row blocks, so U is one
-    (H, 4H) block (separate row and column embeddings); the evidence says so."""
+    (H, 4H) and gates sliced from the columns: 4 gates, the block read transposed."""
 
     def __init__(self):
         super().__init__()
@@ -1112,7 +1111,7 @@ ZOO = [
     ZooCase("view_gates_lstm", ViewGatesLSTM, lambda: (sequence(),),
             {("h2h.weight", "recurrent", ALL, ALL, 4)}),
     ZooCase("in_out_gates_lstm", InOutGatesLSTM, lambda: (sequence(),),
-            {("U", "recurrent", ALL, ALL, 1)}),
+            {("U", "recurrent", ALL, ALL, 4)}),
     ZooCase("neural_cde", NeuralCDE, lambda: (sequence(steps=T + 1),),
             {("func.linear1.weight", "linear", ALL, ALL, 1), ("func.linear2.weight", "linear", ALL, ALL, 1)}),
 ]

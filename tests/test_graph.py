@@ -89,8 +89,11 @@ def test_state_sliced_into_populations_is_not_a_gate_split() -> None:
             return torch.stack(outputs, 1)
 
     assert [(t.name, t.gates) for t in find_recurrent_targets(Halves(), (sequence(),))] == [("w.weight", 1)]
-    _, (in_out,) = discover(next(c for c in ZOO if c.name == "in_out_gates_lstm"))
-    assert "cut into 4 gates along the parameter's dim 1" in in_out.evidence
+    model, (in_out,) = discover(next(c for c in ZOO if c.name == "in_out_gates_lstm"))
+    assert "4 gates along the columns of the (in, out)-stored weight" in in_out.evidence
+    assert in_out.transposed and in_out.block_shape == (4 * H, H) and in_out.is_square
+    block = in_out.block(model.U)
+    assert torch.equal(block[H:2 * H], model.U[:, H:2 * H].T)  # gate f: columns H:2H of U
 
 
 def test_elementwise_is_listed_not_regularized() -> None:
