@@ -28,13 +28,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy
 import torch
 from torch import Tensor, nn
 
 from . import Preset, Task, register_task
 
-__all__ = ["ARENA", "Trajectories", "random_walk", "PlaceCells", "PathIntegrationRNN",
-           "NavigationPreset", "NavigationTask"]
+__all__ = ["ARENA", "CHANCE_LEVEL_CM", "Trajectories", "random_walk", "PlaceCells", "PathIntegrationRNN",
+           "NavigationPreset", "learning_rate_factor", "NavigationTask"]
 
 ARENA = 2.2             # side of the square arena (m)
 DT = 0.02               # time step (s)
@@ -42,6 +43,9 @@ TURN_SIGMA = 5.76 * 2   # std of the rotational velocity (rad/s)
 SPEED_SCALE = 0.13 * 2 * math.pi  # Rayleigh scale of the forward speed (m/s)
 BORDER = 0.03           # wall-avoidance distance (m)
 WALL_SLOWDOWN = 0.25
+# Decoding error of the best constant guess (the arena's centre) for a uniform position:
+# the mean distance from a square's centre, side * (sqrt 2 + asinh 1) / 6, in cm (84.2).
+CHANCE_LEVEL_CM = 100 * ARENA * (math.sqrt(2) + math.asinh(1)) / 6
 
 
 @dataclass
@@ -56,40 +60,45 @@ class Trajectories:
     positions: Tensor
 
 
-def _avoid_walls(position: Tensor, heading: Tensor, half: float) -> tuple[Tensor, Tensor]:
+def _avoid_walls(position: numpy.ndarray, heading: numpy.ndarray, half: float) -> tuple[numpy.ndarray, numpy.ndarray]:
     """Sorscher's rule: near a wall and heading into it, turn to run parallel to it."""
     x, y = position[:, 0], position[:, 1]
-    distances = torch.stack([half - x, half - y, half + x, half + y], dim=1)
-    wall_distance, wall = distances.min(dim=1)
-    wall_angle = wall.to(heading.dtype) * (math.pi / 2)
-    relative = torch.remainder(torch.remainder(heading, 2 * math.pi) - wall_angle + math.pi, 2 * math.pi) - math.pi
-    near = (wall_distance < BORDER) & (relative.abs() < math.pi / 2)
-    turn = torch.where(near, torch.sign(relative) * (math.pi / 2 - relative.abs()), torch.zeros_like(heading))
+    distances = numpy.stack([half - x, half - y, half + x, half + y], axis=1)
+    wall = distances.argmin(axis=1)
+    wall_distance = numpy.take_along_axis(distances, wall[:, None], axis=1)[:, 0]
+    relative = numpy.remainder(numpy.remainder(heading, 2 * math.pi) - wall * (math.pi / 2) + math.pi,
+                               2 * math.pi) - math.pi
+    near = (wall_distance < BORDER) & (numpy.abs(relative) < math.pi / 2)
+    turn = numpy.where(near, numpy.sign(relative) * (math.pi / 2 - numpy.abs(relative)), 0.0)
     return near, turn
 
 
 def random_walk(batch_size: int, length: int, generator: torch.Generator, arena: float = ARENA) -> Trajectories:
-    """Rat-like random walks in a square arena of side ``arena`` (vectorised; loops over time only)."""
+    """Rat-like random walks in a square arena of side ``arena`` (vectorised; loops over time only).
+
+    The random numbers come from ``generator``; the loop over time runs in NumPy, whose
+    per-call cost on these small arrays is a fraction of torch's.
+    """
     half = arena / 2
-    position = (torch.rand(batch_size, 2, generator=generator) * 2 - 1) * half
-    heading = torch.rand(batch_size, generator=generator) * 2 * math.pi
-    turns = torch.randn(batch_size, length, generator=generator) * TURN_SIGMA
+    position = ((torch.rand(batch_size, 2, generator=generator) * 2 - 1) * half).double().numpy()
+    heading = (torch.rand(batch_size, generator=generator) * 2 * math.pi).double().numpy()
+    turns = (torch.randn(batch_size, length, generator=generator) * TURN_SIGMA).double().numpy()
     # Rayleigh(b) by inversion: b * sqrt(-2 log U), U in (0, 1].
     uniform = 1.0 - torch.rand(batch_size, length, generator=generator)
-    speeds = SPEED_SCALE * torch.sqrt(-2.0 * torch.log(uniform))
-    start = position.clone()
-    velocities = torch.empty(batch_size, length, 2)
-    positions = torch.empty(batch_size, length, 2)
+    speeds = (SPEED_SCALE * torch.sqrt(-2.0 * torch.log(uniform))).double().numpy()
+    start = position.copy()
+    positions = numpy.empty((batch_size, length, 2))
     for t in range(length):
         near, turn = _avoid_walls(position, heading, half)
-        speed = torch.where(near, speeds[:, t] * WALL_SLOWDOWN, speeds[:, t])
+        speed = numpy.where(near, speeds[:, t] * WALL_SLOWDOWN, speeds[:, t])
         heading = heading + turn + DT * turns[:, t]
-        step = speed[:, None] * DT * torch.stack([torch.cos(heading), torch.sin(heading)], dim=1)
-        new_position = (position + step).clamp(-half, half)
-        velocities[:, t] = new_position - position
-        positions[:, t] = new_position
-        position = new_position
-    return Trajectories(start, velocities, positions)
+        step = (speed * DT)[:, None] * numpy.stack([numpy.cos(heading), numpy.sin(heading)], axis=1)
+        position = numpy.clip(position + step, -half, half)
+        positions[:, t] = position
+    # Velocities are the clipped steps, so positions are exactly the integrated velocities.
+    velocities = numpy.diff(positions, axis=1, prepend=start[:, None])
+    return Trajectories(torch.from_numpy(start).float(), torch.from_numpy(velocities).float(),
+                        torch.from_numpy(positions).float())
 
 
 class PlaceCells:
@@ -108,15 +117,18 @@ class PlaceCells:
     def activation(self, positions: Tensor) -> Tensor:
         """``(..., 2)`` positions -> ``(..., n)`` codes, each summing to 1."""
         # |p - c|^2 = |p|^2 - 2 p.c + |c|^2 as one matrix product: no (..., n, 2) temporary.
+        # Everything stays 2-D until the end: softmax over the last dim of a 3-D tensor is slower.
         flat = positions.reshape(-1, 2)
         squared = torch.addmm((flat * flat).sum(1, keepdim=True), flat, self.centres.T, alpha=-2.0)
         squared = (squared + (self.centres * self.centres).sum(1)).clamp_min_(0.0)
-        squared = squared.reshape(*positions.shape[:-1], -1)
-        centre = torch.softmax(squared * (-1.0 / (2 * self.width ** 2)), dim=-1)
-        surround = torch.softmax(squared * (-1.0 / (2 * self.surround_scale * self.width ** 2)), dim=-1)
+        # Far cells' logits (down to -300) would make float32 denormals in exp, which are
+        # about ten times slower on CPU; below -80 a cell's share is under 1e-34 anyway.
+        centre = torch.softmax((squared * (-1.0 / (2 * self.width ** 2))).clamp_min_(-80.0), dim=-1)
+        surround = torch.softmax((squared * (-1.0 / (2 * self.surround_scale * self.width ** 2))).clamp_min_(-80.0),
+                                 dim=-1)
         code = centre - surround
-        code = code - code.min(dim=-1, keepdim=True).values
-        return code / code.sum(dim=-1, keepdim=True)
+        code = code - code.amin(dim=-1, keepdim=True)
+        return (code / code.sum(dim=-1, keepdim=True)).reshape(*positions.shape[:-1], -1)
 
     def decode(self, code: Tensor, k: int = 3) -> Tensor:
         """Position estimate: the mean centre of the ``k`` most active cells."""
@@ -147,6 +159,31 @@ class NavigationPreset(Preset):
     place_cell_width: float = 0.12
     surround_scale: float = 2.0
     eval_size: int = 500
+    weight_decay: float = 0.01
+    lr_warmup: int = 0
+    lr_half_life: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("lr_warmup", "lr_half_life"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"preset {name} must be >= 0 (0: off); got {getattr(self, name)}")
+
+
+def learning_rate_factor(step: int, warmup: int, half_life: int) -> float:
+    """Multiplier of the base learning rate after ``step`` optimizer steps.
+
+    Linear warm-up from ``1 / warmup`` to 1 over ``warmup`` steps, then halving every
+    ``half_life`` steps; 0 turns either part off (both 0: constant, the authors' schedule).
+    The factor depends on the step alone, not on the run's length, so ``--steps`` keeps it.
+
+    Example:
+        >>> [learning_rate_factor(k, warmup=2, half_life=4) for k in (0, 1, 2, 6, 10)]
+        [0.5, 1.0, 1.0, 0.5, 0.25]
+    """
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    return 0.5 ** ((step - warmup) / half_life) if half_life else 1.0
 
 
 PRESETS = {
@@ -168,6 +205,8 @@ class NavigationTask(Task):
 
     metric_name = "decoding_error_cm"
     higher_is_better = False
+    #: the metric of a model that always answers the arena's centre; tables print it beside the numbers
+    chance_level = CHANCE_LEVEL_CM
     presets = PRESETS
     preset: NavigationPreset
 
@@ -187,6 +226,28 @@ class NavigationTask(Task):
 
     def build_model(self) -> nn.Module:
         return PathIntegrationRNN(self.preset.place_cells, self.preset.grid_cells)
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """AdamW at the preset's learning rate and weight decay (the authors' ``trainer.py:22``).
+
+        With ``lr_warmup``/``lr_half_life`` set, the rate follows :func:`learning_rate_factor`
+        of AdamW's own step count, which checkpoints carry, so a resumed run continues the
+        schedule where it stopped; a fresh optimizer (the lottery retrain) starts it again.
+        """
+        preset = self.preset
+        optimizer = torch.optim.AdamW(model.parameters(), lr=preset.lr, weight_decay=preset.weight_decay)
+        if not (preset.lr_warmup or preset.lr_half_life):
+            return optimizer
+        first = optimizer.param_groups[0]["params"][0]
+
+        def schedule(optimizer: torch.optim.Optimizer, *_: object) -> None:
+            step = int(optimizer.state[first]["step"]) if first in optimizer.state else 0
+            for group in optimizer.param_groups:
+                group["lr"] = preset.lr * learning_rate_factor(step, preset.lr_warmup, preset.lr_half_life)
+
+        schedule(optimizer)
+        optimizer.register_step_post_hook(schedule)
+        return optimizer
 
     def train_batch(self, step: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return self._batch(self.preset.batch_size, generator)
