@@ -6,7 +6,8 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Sequence, Union
 
-__all__ = ["ModuliConfig", "CONTROLS", "EMBEDDINGS", "SCOPES", "GRANULARITIES", "REDUCTIONS", "REINITS"]
+__all__ = ["ModuliConfig", "CONTROLS", "EMBEDDINGS", "SCOPES", "GRANULARITIES", "REDUCTIONS", "REINITS",
+           "L1_COEFFICIENTS"]
 
 CONTROLS = ("moduli", "l1", "shuffled", "none")
 EMBEDDINGS = ("fixed", "trained")
@@ -14,6 +15,10 @@ SCOPES = ("per_tensor", "global")
 GRANULARITIES = ("element", "tile")
 REDUCTIONS = ("mean", "sum")
 REINITS = ("random", "rewind")
+# The constant of the "l1" control: 1 (the authors' "standard"), the mean of the un-inverted
+# inhibitor (their ``--regpower mean``, adding_problem/regularizer.py:105-108 (15ef708)), or
+# the mean of the coefficients actually used (ours: the same total strength as "moduli").
+L1_COEFFICIENTS = ("one", "mean", "matched")
 
 TargetSpec = Union[str, Sequence[str]]
 
@@ -54,7 +59,7 @@ class ModuliConfig:
     power: int = 1
     reduction: str = "mean"
     share_embedding: bool = True
-    l1_match_mean: bool = True
+    l1_coefficient: str = "matched"
     scope: str = "per_tensor"
     granularity: str = "element"
     tile: int = 16
@@ -70,6 +75,7 @@ class ModuliConfig:
         _choice("control", self.control, CONTROLS)
         _choice("reduction", self.reduction, REDUCTIONS)
         _choice("scope", self.scope, SCOPES)
+        _choice("l1_coefficient", self.l1_coefficient, L1_COEFFICIENTS)
         _choice("granularity", self.granularity, GRANULARITIES)
         if int(self.tile) < 1:
             raise ValueError(f"tile must be a positive integer, got {self.tile!r}")

@@ -44,7 +44,11 @@ class ModuliHandle:
         self.targets = targets
         self.regularizers = regularizers
         self._parameters = dict(model.named_parameters())
-        self._prunable = [t for t in targets if t.kind != "elementwise" or config.regularize_elementwise]
+        prunable = [t for t in targets if t.kind != "elementwise" or config.regularize_elementwise]
+        # One pruned block per parameter: an "extra" target naming a regularized parameter
+        # (prune_also) replaces that target's block, so the whole parameter is pruned.
+        whole = {t.name for t in prunable if t.kind == "extra"}
+        self._prunable = [t for t in prunable if t.kind == "extra" or t.name not in whole]
         self.masks: dict[str, Tensor] = {}
         if config.sparsity is not None:
             for target in self._prunable:

@@ -129,12 +129,23 @@ def test_language_model_task_trains_on_a_tiny_corpus(tmp_path):
 
 
 # -- adding problem ---------------------------------------------------------------------
-def test_adding_targets_are_the_sum_of_the_marked_values():
-    inputs, targets = adding_batch(512, 30, torch.Generator().manual_seed(0))
-    markers = inputs[..., 1]
-    assert torch.equal(markers.sum(1), torch.full((512,), 2.0))
-    assert torch.equal(markers[:, :15].sum(1), torch.ones(512))  # one mark per half
-    assert torch.allclose((inputs[..., 0] * markers).sum(1), targets)
+@pytest.mark.parametrize("markers", ["anywhere", "halves"])
+def test_adding_targets_are_the_sum_of_the_marked_values(markers):
+    inputs, targets = adding_batch(4096, 30, torch.Generator().manual_seed(0), markers)
+    marks = inputs[..., 1]
+    assert torch.equal(marks.sum(1), torch.full((4096,), 2.0))  # two distinct positions
+    assert torch.allclose((inputs[..., 0] * marks).sum(1), targets)
+    first_half = marks[:, :15].sum(1)
+    if markers == "halves":
+        assert torch.equal(first_half, torch.ones(4096))
+    else:  # the authors': both marks in the first half with probability 14/58
+        assert abs(float((first_half == 2).float().mean()) - 14 / 58) < 0.03
+        assert bool(marks.sum(0).min() > 0)  # every position gets marked
+
+
+def test_adding_batch_rejects_unknown_markers():
+    with pytest.raises(ValueError, match="unknown markers 'middle'; expected one of anywhere, halves"):
+        adding_batch(2, 10, torch.Generator(), "middle")
 
 
 def test_predicting_one_scores_rmse_near_0_41():
