@@ -75,6 +75,12 @@ STAGES: dict[str, tuple[Stage, ...]] = {
                *_cells("adding", [0.95], ("moduli", "l1", "shuffled", "none"))), (3, 5)),
         Stage((("l1", DENSE), ("l1-mean", DENSE), ("shuffled", DENSE), ("l1-mean", 0.95)), (0, 5)),
     ),
+    # Navigation (cpu preset ~9 min per run with its lottery ticket): the paper's Table 1
+    # columns at 90% and the plain dense model for three seeds first, then everything else.
+    "navigation": (
+        Stage((*_cells("navigation", [0.9], ("moduli", "l1", "shuffled", "none")), ("none", DENSE)), (0, 3)),
+        Stage((*_cells("navigation", [0.9, 0.95]), *((r, DENSE) for r in GRID["navigation"][0])), (0, 5)),
+    ),
 }
 
 

@@ -52,9 +52,22 @@ PROTOCOLS: dict[str, str] = {
 | metric | training loss per epoch (l. 226) | RMSE on 2,000 held-out sequences, mean of the last 5% of the per-epoch evaluations | same |
 """,
     "navigation": """\
-The navigation protocol (AdamW lr 1e-4, the authors' sizes) is owned by `tasks/navigation.py`;
-its `cpu` preset and numbers are added there. Chance level: always answering the arena's
-centre scores about 84 cm in the 2.2 m arena.
+| item | authors (navigation/, 15ef708) | `paper` preset | `cpu` preset |
+|---|---|---|---|
+| model | bias-free ReLU RNN, h0 = encoder(start code), linear decoder (model1.py:25-31) | same | same |
+| sizes | 512 place cells, 4096 grid cells, batch 200, T=50 (main.py:40-55) | same | 256, 256, 100, T=20 |
+| optimizer | AdamW lr 1e-4, torch's weight decay 0.01 (main.py:46-49, trainer.py:22) | same | lr 3e-3, halved every 3,000 steps |
+| epochs | 30 epochs of 1,000 steps (main.py:33-39 at ab32906; 15ef708 sets 1 step) | same | 30 of 200 |
+| schedule | epoch 0 dense; global L1 pruning to `target*e/(n-1)` at the start of epoch e (trainer.py:152-161) | same | same |
+| scope | global over encoder, W_hh, W_ih, decoder (trainer.py:147-150) | same | same |
+| penalty | `0.1 * mean(C * abs(W_hh))` (main.py:68-71, model1.py:129) | same | same |
+| lottery | new init, new embedding, the masks, 30 epochs, penalty on (main.py:171-188) | same (`--lottery`) | same |
+| metric | mean decoding error over 5 batches of 200 fresh walks (sparsevalid_total.py:60) | fixed 1,000 held-out walks, last 5% of evaluations | 500 walks |
+
+Chance level: always answering the arena's centre scores 84.2 cm in the 2.2 m arena
+(`NavigationTask.chance_level`); a seed "learned" the task below 30 cm. The authors' `none`
+control is the paper-era default `--regularizer none` (main.py:87-88 at ab32906); at 15ef708 the
+default became `klein` with squared distances, so `main.py --savefile noreg` there is a Klein run.
 """,
     "language_model": """\
 | item | authors (word_example, 15ef708) | `paper` preset | `cpu` preset |
