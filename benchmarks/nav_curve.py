@@ -50,7 +50,7 @@ def main() -> None:
             axes.annotate(f"{label} {value:.0f}", (0, value), textcoords="offset points", xytext=(4, 3), fontsize=8)
     summary = config["run"]
     axes.set(xlabel="step", ylabel=task.metric_name, ylim=(0, None),
-             title=f"{summary['task']} `{summary['preset']}`: {summary['regularizer']}, "
+             title=f"{summary['task']}, preset {summary['preset']}: {summary['regularizer']}, "
                    f"sparsity {summary['sparsity']:g}, seed {summary['seed']}")
     figure.tight_layout()
     figure.savefig(args.out.with_suffix(".png"), dpi=120)
