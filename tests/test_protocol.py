@@ -164,7 +164,7 @@ def test_lottery_reinitialises_keeps_masks_and_reapplies_the_penalty_with_the_sa
         penalty = float(state.penalty().detach())
         assert penalty > 0
         batch = state.task.train_batch(0, torch.Generator().manual_seed(5))
-        task_loss = float(state.task.loss(state.model, batch)[0])
+        task_loss = float(state.task.loss(state.model, batch)[0].detach())
         state.task.train_batch = lambda step, generator: batch
         total, _ = state.train_step("lottery", 0)
         assert total == pytest.approx(task_loss + penalty, rel=1e-5)
@@ -188,7 +188,7 @@ def test_lottery_without_penalty_trains_the_task_loss_alone(tmp_path):
     try:
         assert not state.preset.lottery_penalty
         batch = state.task.train_batch(0, torch.Generator().manual_seed(5))
-        task_loss = float(state.task.loss(state.model, batch)[0])
+        task_loss = float(state.task.loss(state.model, batch)[0].detach())
         state.task.train_batch = lambda step, generator: batch
         assert state.train_step("lottery", 0)[0] == pytest.approx(task_loss, rel=1e-6)
     finally:
