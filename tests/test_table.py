@@ -63,7 +63,7 @@ def test_execute_skips_finished_runs_and_reruns_missing_ones(tmp_path):
     assert results[1] != fake  # another config (steps=9) in the directory: trained again
     for config, result in zip(configs[1:], results[1:]):
         assert json.loads((tmp_path / config.out.split("/")[-1] / "summary.json").read_text()) == result
-        assert result["sparsity"] == 0.5
+        assert result["sparsity"] == config.sparsity
 
 
 def test_run_table_writes_markdown_and_csv(tmp_path):
