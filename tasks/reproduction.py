@@ -62,7 +62,7 @@ centre scores about 84 cm in the 2.2 m arena.
 | model | 3-layer tanh RNN (`--model RNN_TANH`), 650 units, embedding 650, dropout 0 (multiruns.sh:4) | same | 128 units, vocabulary capped at 5000 |
 | init | encoder and decoder U(-0.1, 0.1), decoder bias 0 (model1.py:49-53) | same | same |
 | data | WikiText-2 (main.py:21) | `--data` WikiText-2 | the built-in generated fables (no download) |
-| optimizer | plain SGD lr 20, clip 0.25, batch 20, BPTT 35; lr / 4 after an epoch without a better validation loss (main.py:31-40, 239-241, 307-311) | same | same |
+| optimizer | plain SGD lr 20, clip 0.25, batch 20, BPTT 35; lr / 4 after an epoch without a better validation loss (main.py:31-40, 239-241, 307-311) | same | lr 2 (lr 20 diverges at 128 units on the fables) |
 | penalty | 0.1 * (moduli on every W_hh + plain mean abs on every W_ih, encoder, decoder) (main.py:61-64, model1.py:89-98) | same | same |
 | schedule | 15 epochs; epoch 1 dense, then `target*e/epochs` at the start of epoch e (main.py:273-287) | same | same |
 | scope | global over encoder, decoder, every W_ih and W_hh (main.py:276-278) | same | same |
