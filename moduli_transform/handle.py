@@ -242,7 +242,8 @@ class ModuliHandle:
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.config.seed + 1)
-                for module in self.model.modules():
+                # Children first, so a parent's own initialisation (as at construction) wins.
+                for module in reversed(list(self.model.modules())):
                     if hasattr(module, "reset_parameters") and callable(module.reset_parameters):
                         module.reset_parameters()
         self.frozen = True

@@ -41,15 +41,19 @@ class Preset:
     * ``"phases"`` (ours, the default of this base class): ``steps`` optimizer steps in three
       phases: dense (``dense_fraction``), a linear pruning ramp (``prune_fraction``) and
       fine-tuning (the rest); the lottery retrain runs ``lottery_steps`` (0: ``steps``).
-    * ``"epochs"`` (the authors'): ``epochs`` epochs of ``steps_per_epoch`` steps; epoch 0 is
-      dense and at the start of epoch ``e`` the target sparsity is ``final * e / (epochs - 1)``;
-      then ``stabilizer_epochs`` at the final sparsity; the lottery retrain runs ``lottery_epochs``.
+    * ``"epochs"`` (the authors'): ``epochs`` epochs of ``steps_per_epoch`` steps (0: one pass
+      over the task's training data); epoch 0 is dense and at the start of epoch ``e`` the
+      target sparsity is ``final * (e + ramp_offset) / (epochs - 1 + ramp_offset)`` (adding:
+      offset 0, ``e/(n-1)``; language model: offset 1, ``(e+1)/n``); then ``stabilizer_epochs``
+      at the final sparsity; the lottery retrain runs ``lottery_epochs``. The task is evaluated
+      at the end of every epoch.
 
     ``scope`` and ``prune_also`` say what magnitude pruning ranks together (``"global"`` over the
     recurrent blocks and the named parameters, as the authors); ``lottery_penalty`` keeps the
     regularizer on while the lottery ticket retrains and ``lottery_embedding`` reuses its C or
-    draws a new embedding. The run's metric is the mean of the last ``tail_fraction`` of its
-    periodic evaluations.
+    draws a new embedding. ``l1_also`` names parameters that get a plain L1 term
+    ``strength * mean(|W|)`` beside the moduli penalty, whatever the control (the authors' LM).
+    The run's metric is the mean of the last ``tail_fraction`` of its periodic evaluations.
     """
 
     steps: int = 100
@@ -72,6 +76,8 @@ class Preset:
     lottery_penalty: bool = False
     lottery_embedding: str = "reuse"
     tail_fraction: float = 0.05
+    ramp_offset: int = 0
+    l1_also: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULE_SHAPES:
@@ -79,9 +85,10 @@ class Preset:
         if self.lottery_embedding not in LOTTERY_EMBEDDINGS:
             raise ValueError(f"unknown lottery_embedding {self.lottery_embedding!r}; expected one of "
                              f"{', '.join(LOTTERY_EMBEDDINGS)}")
-        if self.schedule == "epochs" and (self.epochs < 2 or self.steps_per_epoch < 1):
-            raise ValueError("the epochs schedule needs epochs >= 2 (epoch 0 is dense) and steps_per_epoch >= 1; "
-                             f"got epochs={self.epochs}, steps_per_epoch={self.steps_per_epoch}")
+        if self.schedule == "epochs" and (self.epochs < 2 or self.steps_per_epoch < 0 or self.ramp_offset < 0):
+            raise ValueError("the epochs schedule needs epochs >= 2 (epoch 0 is dense), steps_per_epoch >= 0 and "
+                             f"ramp_offset >= 0; got epochs={self.epochs}, steps_per_epoch={self.steps_per_epoch}, "
+                             f"ramp_offset={self.ramp_offset}")
         if self.steps < 3:
             raise ValueError(f"preset steps must be >= 3 (dense, prune and fine-tune phases); got {self.steps}")
         if not (0 < self.dense_fraction and 0 < self.prune_fraction and self.dense_fraction + self.prune_fraction < 1):
@@ -130,6 +137,10 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def build_model(self) -> nn.Module:
         """A freshly initialised model (uses the global torch RNG)."""
+
+    def epoch_steps(self) -> int:
+        """Steps in one pass over the training data (for presets with ``steps_per_epoch=0``)."""
+        raise NotImplementedError(f"task {self.name!r} has no natural epoch; give the preset steps_per_epoch")
 
     def example_inputs(self) -> tuple | None:
         """Inputs with two time steps for the graph pass (custom cells); None for PyTorch's RNN layers."""

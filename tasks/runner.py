@@ -189,10 +189,13 @@ class Phases:
         return cls(dense, prune, steps - dense - prune, lottery)
 
     @classmethod
-    def for_preset(cls, preset: Preset, steps: int | None, lottery: bool) -> "Phases":
-        """The phases of ``preset`` (``steps`` overrides the phases schedule's length)."""
+    def for_preset(cls, preset: Preset, steps: int | None, lottery: bool, epoch: int = 0) -> "Phases":
+        """The phases of ``preset`` (``steps`` overrides the phases schedule's length; ``epoch``
+        is the epoch length when the preset's ``steps_per_epoch`` is 0)."""
         if preset.schedule == "epochs":
-            epoch = preset.steps_per_epoch
+            epoch = preset.steps_per_epoch or epoch
+            if epoch < 1:
+                raise ValueError(f"epochs schedule with an epoch of {epoch} steps")
             return cls(epoch, (preset.epochs - 1) * epoch, preset.stabilizer_epochs * epoch,
                        preset.lottery_epochs * epoch if lottery else 0)
         steps = steps or preset.steps
@@ -238,10 +241,13 @@ class LinearRamp:
 
 
 class EpochRamp:
-    """The authors' per-epoch ramp: after ``k`` handle steps, ``final * min(e, n - 1) / (n - 1)``, ``e = k // epoch``.
+    """The authors' per-epoch ramp: after ``k`` handle steps, in epoch ``e = k // steps_per_epoch``,
+    ``final * (min(e, n - 1) + offset) / (n - 1 + offset)`` for ``e >= 1``, and 0 in epoch 0.
 
     Epoch 0 is dense; the target of epoch ``e`` holds from its first step (the handle prunes
-    after each step to the target of the next one); adding_problem/main.py:200-204 (15ef708).
+    after each step to the target of the next one). Offset 0 is the adding problem's
+    ``e/(n-1)`` (adding_problem/main.py:200-204, 15ef708), offset 1 the language model's
+    ``(e+1)/n`` (word_example/main.py:283-287, epochs counted from 1 there).
 
     Example:
         >>> ramp = EpochRamp(0.9, steps_per_epoch=2, epochs=4)
@@ -249,15 +255,21 @@ class EpochRamp:
         [0.0, 0.3, 0.6, 0.9, 0.9]
         >>> ramp(1), ramp(3)
         (0.0, 0.3)
+        >>> [round(EpochRamp(0.8, 1, 4, offset=1)(k), 2) for k in range(5)]
+        [0.0, 0.4, 0.6, 0.8, 0.8]
     """
 
-    def __init__(self, final: float, steps_per_epoch: int, epochs: int) -> None:
+    def __init__(self, final: float, steps_per_epoch: int, epochs: int, offset: int = 0) -> None:
         self.final, self.steps_per_epoch, self.epochs = float(final), int(steps_per_epoch), int(epochs)
+        self.offset = int(offset)
         self.spec = {"schedule": "epoch_ramp", "final": self.final, "steps_per_epoch": self.steps_per_epoch,
-                     "epochs": self.epochs}
+                     "epochs": self.epochs, "offset": self.offset}
 
     def __call__(self, step: int) -> float:
-        return self.final * min(step // self.steps_per_epoch, self.epochs - 1) / (self.epochs - 1)
+        epoch = min(step // self.steps_per_epoch, self.epochs - 1)
+        if epoch == 0:
+            return 0.0
+        return self.final * (epoch + self.offset) / (self.epochs - 1 + self.offset)
 
 
 def tail_mean(values: list[float], fraction: float) -> float | None:
@@ -329,7 +341,8 @@ class _Run:
         self.preset = task_class.get_preset(config.preset).with_overrides(
             strength=config.strength, checkpoint_every=config.checkpoint_every)
         self.task: Task = task_class(self.preset, data=config.data)
-        self.phases = Phases.for_preset(self.preset, config.steps, config.lottery)
+        epoch = self.task.epoch_steps() if self.preset.schedule == "epochs" and not self.preset.steps_per_epoch else 0
+        self.phases = Phases.for_preset(self.preset, config.steps, config.lottery, epoch)
         self.lottery_embedding = config.lottery_embedding or self.preset.lottery_embedding
         seed_everything(config.seed)
         self.model = self.task.build_model()
@@ -340,6 +353,11 @@ class _Run:
             l1_coefficient=l1_coefficient, sparsity=config.sparsity, schedule=self._schedule(),
             total_steps=self.phases.prune, seed=config.seed, granularity=config.granularity, scope=self.preset.scope,
             prune_also=self.preset.prune_also)
+        self._parameters = dict(self.model.named_parameters())
+        unknown = [name for name in self.preset.l1_also if name not in self._parameters]
+        if unknown:
+            raise RunConfigError(f"preset l1_also names {unknown}, not parameters of the model; it has "
+                                 f"{', '.join(self._parameters)}")
         self.optimizer = self.task.make_optimizer(self.model)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.progress = _Progress()
@@ -353,7 +371,7 @@ class _Run:
 
     def _schedule(self) -> LinearRamp | EpochRamp:
         if self.preset.schedule == "epochs":
-            return EpochRamp(self.config.sparsity, self.preset.steps_per_epoch, self.preset.epochs)
+            return EpochRamp(self.config.sparsity, self.phases.dense, self.preset.epochs, self.preset.ramp_offset)
         return LinearRamp(self.config.sparsity, self.phases.dense, self.phases.prune)
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -395,6 +413,13 @@ class _Run:
                   "sparsity": self.handle.sparsity()["overall"]}
         file.write(json.dumps(record) + "\n")
 
+    def penalty(self) -> torch.Tensor:
+        """The handle's penalty plus the preset's plain L1 terms (``l1_also``)."""
+        total = self.handle.penalty()
+        for name in self.preset.l1_also:
+            total = total + self.preset.strength * self._parameters[name].abs().mean()
+        return total
+
     def train_step(self, phase: str, phase_step: int) -> tuple[float, float]:
         started = time.perf_counter()
         # Every rank draws the same global batch and trains on its equal slice.
@@ -403,7 +428,7 @@ class _Run:
         self.model.train()
         loss, metric = self.task.loss(self.train_model, batch)
         # The lottery ticket retrains with masks fixed, with the penalty or without it (preset).
-        total = loss if phase == "lottery" and not self.preset.lottery_penalty else loss + self.handle.penalty()
+        total = loss if phase == "lottery" and not self.preset.lottery_penalty else loss + self.penalty()
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if self.preset.clip:
@@ -428,7 +453,8 @@ class _Run:
         if step % self.preset.log_every == 0:
             self.log(file, phase, "train", loss, metric)
         valid = None
-        if step % self.preset.eval_every == 0:
+        every = self.phases.dense if self.preset.schedule == "epochs" else self.preset.eval_every
+        if step % every == 0:
             valid = self.evaluate("valid")
             self.task.after_evaluate(valid, self.optimizer)
             self.log(file, phase, "valid", None, valid)

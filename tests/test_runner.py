@@ -152,10 +152,12 @@ def test_train_command_parses_into_a_run_config(tmp_path):
     register_table(subparsers)
     args = parser.parse_args(["train", "navigation", "--preset", "test", "--manifold", "sphere", "--inhibitor",
                               "ricker", "--regularizer", "l1", "--embedding", "trained", "--sparsity", "0.8",
-                              "--lottery", "--seed", "2", "--out", str(tmp_path), "--steps", "9", "--resume"])
+                              "--lottery", "--seed", "2", "--out", str(tmp_path), "--steps", "9", "--resume",
+                              "--lottery-embedding", "redraw"])
     assert config_from_args(args) == RunConfig(
         task="navigation", preset="test", manifold="sphere", inhibitor="ricker", regularizer="l1",
-        embedding="trained", sparsity=0.8, lottery=True, seed=2, out=str(tmp_path), steps=9, resume=True)
+        embedding="trained", sparsity=0.8, lottery=True, seed=2, out=str(tmp_path), steps=9, resume=True,
+        lottery_embedding="redraw")
     table = parser.parse_args(["table", "adding", "--seeds", "3", "--sparsities", "0.5", "0.9", "--grid", "all"])
     assert table.task == "adding" and table.seeds == 3 and table.sparsities == [0.5, 0.9]
     assert table.grid == "all" and table.backend == "local" and callable(table.func)

@@ -116,6 +116,30 @@ def test_missing_corpus_says_what_to_do(tmp_path):
         LanguageModelTask(LanguageModelTask.presets["test"], data=str(tmp_path / "absent.txt"))
 
 
+def test_built_in_corpus_is_the_generated_fables_and_the_default_data(monkeypatch):
+    from moduli_transform.tasks.corpus import FABLES_PATH, generate_fables
+    from moduli_transform.tasks.language_model import default_corpus_path
+
+    monkeypatch.delenv("MODULI_DATA", raising=False)
+    assert default_corpus_path() == FABLES_PATH
+    text = FABLES_PATH.read_text(encoding="utf-8")
+    assert text == generate_fables()  # the shipped file is exactly what the generator writes
+    assert 100_000 < len(text.encode()) < 400_000
+    task = LanguageModelTask(LanguageModelTask.presets["cpu"])
+    assert task.corpus.path == str(FABLES_PATH) and 300 < len(task.corpus.vocabulary) < 1000
+    assert task.epoch_steps() == task.windows > 10
+
+
+def test_language_model_init_range_is_the_authors(tmp_path):
+    _write_lines(tmp_path / "corpus.txt", 100)
+    task = LanguageModelTask(LanguageModelTask.presets["test"], data=str(tmp_path / "corpus.txt"))
+    model = task.build_model()
+    for weight in (model.embedding.weight, model.decoder.weight):
+        assert float(weight.abs().max()) <= 0.1
+    assert bool(model.decoder.bias.eq(0).all())
+    assert model.rnn.dropout == 0.0
+
+
 def test_language_model_task_trains_on_a_tiny_corpus(tmp_path):
     _write_lines(tmp_path / "corpus.txt", 400)
     task = LanguageModelTask(LanguageModelTask.presets["test"], data=str(tmp_path / "corpus.txt"))
