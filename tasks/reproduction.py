@@ -62,7 +62,7 @@ PROTOCOLS: dict[str, str] = {
 | scope | global over encoder, W_hh, W_ih, decoder (trainer.py:147-150) | same | same |
 | penalty | `0.1 * mean(C * abs(W_hh))` (main.py:68-71, model1.py:129) | same | same |
 | lottery | new init, new embedding, the masks, 30 epochs, penalty on (main.py:171-188) | same (`--lottery`) | same |
-| metric | mean decoding error over 5 batches of 200 fresh walks (sparsevalid_total.py:60) | fixed 1,000 held-out walks, last 5% of evaluations | 500 walks |
+| metric | mean decoding error over 5 batches of 200 fresh walks (sparsevalid_total.py:60) | fixed 1,000 held-out walks after every epoch, mean of the last 5% | 500 walks |
 
 Chance level: always answering the arena's centre scores 84.2 cm in the 2.2 m arena
 (`NavigationTask.chance_level`); a seed "learned" the task below 30 cm. The authors' `none`
