@@ -152,6 +152,10 @@ class PathIntegrationRNN(nn.Module):
 
 @dataclass(frozen=True)
 class NavigationPreset(Preset):
+    """Sizes of the task (place cells, grid cells = hidden units, batch, walk length ``T``),
+    the place-cell tuning, AdamW's weight decay and an optional learning-rate schedule
+    (:func:`learning_rate_factor`; both 0: constant, as the authors)."""
+
     place_cells: int = 512
     grid_cells: int = 4096
     batch_size: int = 200
@@ -211,10 +215,12 @@ _AUTHORS = dict(
     eval_size=1000,               # sparsevalid_total.py:60: five batches of 200 walks after training
 )
 # Deliberate differences in every preset: our metric is the decoding error on fixed held-out
-# walks, evaluated periodically, the run's number the mean of the last 5% of evaluations (the
-# authors: five fresh batches once after training, W_hh entries below 1e-3 zeroed,
+# walks, evaluated after every epoch, the run's number the mean of the last 5% of evaluations
+# (the authors: five fresh batches once after training, W_hh entries below 1e-3 zeroed,
 # sparsevalid_total.py:39); walks are clipped to the arena; the place-cell centres come from
-# torch seed 12345 (theirs: numpy seed 0, place_cells.py:21).
+# torch seed 12345 (theirs: numpy seed 0, place_cells.py:21). Their "none" control is the
+# paper-era default --regularizer none (main.py:87-88 at ab32906); at 15ef708 the default is
+# klein with squared distances, so `main.py --savefile noreg` (multiruns.sh:7) runs Klein there.
 
 # The cpu preset keeps the protocol and shrinks what one core needs shrunk (benchmarks/nav_search.py,
 # docs/BENCHMARKS.md "Navigation cpu preset"): CPU_SHRINK below.
@@ -235,6 +241,8 @@ PRESETS = {
                                 "sequence_length": 10, "eval_size": 32, "lr": 1e-3, "epochs": 3, "steps": 30,
                                 "steps_per_epoch": 10, "lottery_epochs": 3},
                              eval_every=10, log_every=5, checkpoint_every=4),
+    # eval_every is not read by the epochs schedule (one evaluation per epoch); kept so the
+    # recorded preset of finished runs still matches.
     "cpu": NavigationPreset(**{**_AUTHORS, **CPU_SHRINK}, eval_every=50, log_every=25, checkpoint_every=450),
     "paper": NavigationPreset(**_AUTHORS, eval_every=250, log_every=100, checkpoint_every=1000),
 }
