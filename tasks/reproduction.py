@@ -105,11 +105,18 @@ DIFFERENCES = """\
 
 ## The authors' navigation "L1" control is all zeros
 
-In navigation/regularizer.py (15ef708) the "standard" regularizer is a matrix of ones, and the
-committed runs (navigation/multiruns.sh) pass `--invert`, which replaces C by `max(C) - C`: for
-a constant matrix that is 0 everywhere. The paper's navigation "L1" column is therefore a run with
-no regularization at all (its 86.7 cm and the "none" column's 71.8 cm are two draws of the same
-protocol). Our `l1` is coefficient 1 (the authors' intent), `l1-mean` their `mean` variant.
+In navigation/regularizer.py (15ef708) the "standard" regularizer is a matrix of ones (squared by
+the default `--regpower square`: still ones), and the committed runs (navigation/multiruns.sh:6)
+pass `--invert`, which replaces C by `max(C) - C`: for a constant matrix that is 0 everywhere.
+The committed navigation "L1" run therefore trains with no penalty at all. Our `l1` is
+coefficient 1 (the authors' intent), `l1-mean` their `mean` variant.
+
+A related reading of the same script: its "noreg" run (multiruns.sh:7) passes no
+`--regularizer`, so it gets main.py's default `--regularizer klein` (navigation/main.py:87-89)
+with `--regpower square` and no inversion: C = (Klein-bottle distance)^2 at strength 0.1, a
+penalty on long connections rather than none. If the paper's tables came from this script, its
+navigation "L1" column (86.7 cm at 90%) is the unregularized model and its "none" column
+(71.8 cm) a squared-distance Klein regularizer. Our `none` is no penalty.
 """
 
 
