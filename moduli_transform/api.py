@@ -72,14 +72,17 @@ def attach(model: nn.Module, config: ModuliConfig | None = None, *, example_inpu
         regularizer = ModuliRegularizer(
             target, manifold, inhibitor, strength=config.strength, control=config.control,
             trained=config.embedding == "trained", power=config.power, reduction=config.reduction,
-            share_embedding=config.share_embedding, l1_match_mean=config.l1_match_mean,
+            share_embedding=config.share_embedding, l1_coefficient=config.l1_coefficient,
             generator=generator)
         regularizers[target.name] = regularizer.to(parameters[target.name].device)
     if config.prune_also:
         extra = discover_targets(model, list(config.prune_also), context)
         known = {t.name for t in targets}
-        targets += [t.with_changes(kind="extra", regularize=False, evidence="prune_also")
-                    for t in extra if t.name not in known]
+        # A named parameter that is already a target (the hidden-column slice of a Linear on
+        # cat([x, h])) is pruned whole: the extra target covers the parameter, slices and all.
+        targets += [t.with_changes(kind="extra", regularize=False, rows=slice(None), cols=slice(None),
+                                   evidence="prune_also (whole parameter)" if t.name in known else "prune_also")
+                    for t in extra]
     return ModuliHandle(model, targets, config, regularizers)
 
 

@@ -6,7 +6,8 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Sequence, Union
 
-__all__ = ["ModuliConfig", "CONTROLS", "EMBEDDINGS", "SCOPES", "GRANULARITIES", "REDUCTIONS", "REINITS", "SCHEDULE_ON"]
+__all__ = ["ModuliConfig", "CONTROLS", "EMBEDDINGS", "SCOPES", "GRANULARITIES", "REDUCTIONS", "REINITS",
+           "L1_COEFFICIENTS", "SCHEDULE_ON"]
 
 CONTROLS = ("moduli", "l1", "shuffled", "none")
 EMBEDDINGS = ("fixed", "trained")
@@ -15,6 +16,10 @@ GRANULARITIES = ("element", "tile")
 REDUCTIONS = ("mean", "sum")
 REINITS = ("random", "rewind")
 SCHEDULE_ON = ("optimizer", "backward")
+# The constant of the "l1" control: 1 (the authors' "standard"), the mean of the un-inverted
+# inhibitor (their ``--regpower mean``, adding_problem/regularizer.py:105-108 (15ef708)), or
+# the mean of the coefficients actually used (ours: the same total strength as "moduli").
+L1_COEFFICIENTS = ("one", "mean", "matched")
 
 TargetSpec = Union[str, Sequence[str]]
 
@@ -55,7 +60,7 @@ class ModuliConfig:
     power: int = 1
     reduction: str = "mean"
     share_embedding: bool = True
-    l1_match_mean: bool = True
+    l1_coefficient: str = "matched"
     scope: str = "per_tensor"
     granularity: str = "element"
     tile: int = 16
@@ -72,6 +77,7 @@ class ModuliConfig:
         _choice("control", self.control, CONTROLS)
         _choice("reduction", self.reduction, REDUCTIONS)
         _choice("scope", self.scope, SCOPES)
+        _choice("l1_coefficient", self.l1_coefficient, L1_COEFFICIENTS)
         _choice("granularity", self.granularity, GRANULARITIES)
         _choice("schedule_on", self.schedule_on, SCHEDULE_ON)
         if int(self.tile) < 1:

@@ -55,7 +55,11 @@ class ModuliHandle:
             t.name: where for t in targets if (where := parametrized(model, t.name)) is not None}
         self._penalize_effective = {name for name, where in self._parametrized.items()
                                     if not keeps_zeros(where)}
-        self._prunable = [t for t in targets if t.kind != "elementwise" or config.regularize_elementwise]
+        prunable = [t for t in targets if t.kind != "elementwise" or config.regularize_elementwise]
+        # One pruned block per parameter: an "extra" target naming a regularized parameter
+        # (prune_also) replaces that target's block, so the whole parameter is pruned.
+        whole = {t.name for t in prunable if t.kind == "extra"}
+        self._prunable = [t for t in prunable if t.kind == "extra" or t.name not in whole]
         self.masks: dict[str, Tensor] = {}
         if config.sparsity is not None:
             for target in self._prunable:
@@ -307,7 +311,8 @@ class ModuliHandle:
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.config.seed + 1)
-                for module in self.model.modules():
+                # Children first, so a parent's own initialisation (as at construction) wins.
+                for module in reversed(list(self.model.modules())):
                     if hasattr(module, "reset_parameters") and callable(module.reset_parameters):
                         module.reset_parameters()
         self.frozen = True

@@ -305,20 +305,24 @@ class KleinBottle(Manifold):
 
 
 class Euclidean(Manifold):
-    """R^dim with Euclidean distance; samples are uniform in the box [0, side)^dim.
+    """R^dim with Euclidean distance; samples uniform in the box [0, side)^dim, or ``side * N(0, 1)``
+    per coordinate with ``normal=True``.
 
     Example:
         >>> float(Euclidean(3).distance(torch.tensor([[0., 0, 0]]), torch.tensor([[1., 2, 2]])))
         3.0
     """
 
-    def __init__(self, dim: int, side: float = 10.0) -> None:
+    def __init__(self, dim: int, side: float = 10.0, normal: bool = False) -> None:
         self.dim = _dimension("euclidean", "dim", dim)
         _positive("euclidean", side=side)
-        self.side, self.name = float(side), "euclidean"
+        if not isinstance(normal, bool):
+            raise ValueError(f"euclidean normal must be True or False, got normal={normal!r}")
+        self.side, self.normal, self.name = float(side), normal, "euclidean"
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        return torch.rand(_check_count(n), self.dim, generator=generator) * self.side
+        draw = torch.randn if self.normal else torch.rand
+        return draw(_check_count(n), self.dim, generator=generator) * self.side
 
     def distance(self, a: Tensor, b: Tensor) -> Tensor:
         self._check(a, b)
@@ -330,7 +334,7 @@ class Euclidean(Manifold):
 
     @property
     def spec(self) -> dict[str, Any]:
-        return {"name": "euclidean", "dim": self.dim, "side": self.side}
+        return {"name": "euclidean", "dim": self.dim, "side": self.side, "normal": self.normal}
 
 
 class ProductManifold(Manifold):
@@ -387,20 +391,22 @@ def _torus6(dim: int = 6, period: float = 10.0) -> Torus:
 
 
 @register_manifold("s3")
-def _s3(n: int = 3, scale: float = 5.0) -> Sphere:
+def _s3(n: int = 3, scale: float = 10.0) -> Sphere:
+    # 10 * arccos: the authors' fixed S^3 is 2 * sphere_distance (adding_problem/regularizer.py:52, 166, 15ef708).
     return Sphere(n=n, scale=scale)
 
 
 @register_manifold("r3")
-def _r3(dim: int = 3, side: float = 10.0) -> Euclidean:
-    return Euclidean(dim=dim, side=side)
+def _r3(dim: int = 3, side: float = 10.0, normal: bool = True) -> Euclidean:
+    # 10 * randn(n, 3), as the authors' trained R^3 embedding (adding_problem/main.py:152, 15ef708).
+    return Euclidean(dim=dim, side=side, normal=normal)
 
 
 @register_manifold("euclidean")
-def _euclidean(dim: int | None = None, side: float = 10.0) -> Euclidean:
+def _euclidean(dim: int | None = None, side: float = 10.0, normal: bool = False) -> Euclidean:
     if dim is None:
         raise ValueError("manifold 'euclidean' needs dim=, e.g. get_manifold('euclidean', dim=5); 'r3' is R^3")
-    return Euclidean(dim=dim, side=side)
+    return Euclidean(dim=dim, side=side, normal=normal)
 
 
 _ALTERNATIVES = "or a product such as 'circle*sphere', or a Manifold instance"

@@ -11,9 +11,11 @@ broadcasting, never materialized G times. For a conv target, ``|W|`` is the L2 n
 each ``(out, in)`` kernel slice. Square recurrent blocks share one embedding for rows and
 columns unless ``share_embedding=False``.
 
-Controls (paper): ``"moduli"``; ``"l1"`` (C constant, by default equal to the mean of the
-moduli coefficients so the total strength matches); ``"shuffled"`` (a seeded permutation
-of the entries of C); ``"none"`` (penalty 0).
+Controls (paper): ``"moduli"``; ``"l1"`` (C constant: ``l1_coefficient="one"`` is the
+authors' "standard" L1, ``"mean"`` their ``--regpower mean``, the mean of the un-inverted
+inhibitor over the embedding, and ``"matched"``, ours and the default, the mean of the
+moduli coefficients actually used, so the total strength matches); ``"shuffled"`` (a seeded
+permutation of the entries of C); ``"none"`` (penalty 0).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .config import CONTROLS, REDUCTIONS
+from .config import CONTROLS, L1_COEFFICIENTS, REDUCTIONS
 from .inhibitors import Inhibitor
 from .manifolds import Manifold
 from .targets import Target
@@ -54,12 +56,14 @@ class ModuliRegularizer(nn.Module):
         power: int = 1,
         reduction: str = "mean",
         share_embedding: bool = True,
-        l1_match_mean: bool = True,
+        l1_coefficient: str = "matched",
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         if control not in CONTROLS:
             raise ValueError(f"unknown control {control!r}; expected one of {', '.join(CONTROLS)}")
+        if l1_coefficient not in L1_COEFFICIENTS:
+            raise ValueError(f"unknown l1_coefficient {l1_coefficient!r}; expected one of {', '.join(L1_COEFFICIENTS)}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"unknown reduction {reduction!r}; expected one of {', '.join(REDUCTIONS)}")
         if target.kind == "elementwise":
@@ -84,7 +88,7 @@ class ModuliRegularizer(nn.Module):
         self._shuffle_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         self._l1_value: float | None = None
         if control == "l1":
-            self._l1_value = float(self._moduli_coefficients().mean()) if l1_match_mean else 1.0
+            self._l1_value = self._l1_constant(l1_coefficient)
         self._cache: Tensor | None = None
         if trained:
             self.set_trained(True)
@@ -130,6 +134,26 @@ class ModuliRegularizer(nn.Module):
     def _moduli_coefficients(self) -> Tensor:
         distance = self.manifold.distance(self.row_embedding, self.col_embedding)
         return self.inhibitor(distance)
+
+    def _l1_constant(self, kind: str) -> float:
+        if kind == "one":
+            return 1.0
+        if kind == "mean":  # the authors' "mean": the inhibitor's profile, never inverted
+            distance = self.manifold.distance(self.row_embedding, self.col_embedding)
+            return float(self.inhibitor.profile(distance).mean())
+        return float(self._moduli_coefficients().mean())
+
+    @torch.no_grad()
+    def redraw_embedding(self, generator: torch.Generator) -> None:
+        """Sample new neuron coordinates (a new C), as the authors' navigation/LM lottery does."""
+        self.row_points.copy_(self.manifold.sample(self.target.out_features, generator).float())
+        if not self.shared:
+            self.col_points.copy_(self.manifold.sample(self.target.in_features, generator).float())
+        # The shuffled control permutes the new C with a new permutation too.
+        self._shuffle_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        self._cache = None
+        if not self._trained:
+            self.coefficients()
 
     def coefficients(self) -> Tensor:
         """C (out_features x in_features); differentiable w.r.t. trained embeddings."""

@@ -21,20 +21,39 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Preset", "Task", "TASKS", "register_task", "get_task", "UnknownTaskError"]
+__all__ = ["Preset", "SCHEDULE_SHAPES", "LOTTERY_EMBEDDINGS", "Task", "TASKS", "register_task", "get_task", "UnknownTaskError"]
 
 
 class UnknownTaskError(ValueError):
     """A task or preset name that is not registered."""
 
 
+SCHEDULE_SHAPES = ("phases", "epochs")
+LOTTERY_EMBEDDINGS = ("reuse", "redraw")
+
+
 @dataclass(frozen=True)
 class Preset:
-    """Training sizes shared by every task; task modules subclass it with their own fields.
+    """Training sizes and protocol shared by every task; task modules subclass it with their own fields.
 
-    The main training run has ``steps`` optimizer steps split into three phases: dense
-    (``dense_fraction``), pruning ramp (``prune_fraction``) and fine-tuning (the rest).
-    The lottery retraining, when asked for, runs ``lottery_steps`` more (0: as many as ``steps``).
+    Two schedule shapes (``schedule``):
+
+    * ``"phases"`` (ours, the default of this base class): ``steps`` optimizer steps in three
+      phases: dense (``dense_fraction``), a linear pruning ramp (``prune_fraction``) and
+      fine-tuning (the rest); the lottery retrain runs ``lottery_steps`` (0: ``steps``).
+    * ``"epochs"`` (the authors'): ``epochs`` epochs of ``steps_per_epoch`` steps (0: one pass
+      over the task's training data); epoch 0 is dense and at the start of epoch ``e`` the
+      target sparsity is ``final * (e + ramp_offset) / (epochs - 1 + ramp_offset)`` (adding:
+      offset 0, ``e/(n-1)``; language model: offset 1, ``(e+1)/n``); then ``stabilizer_epochs``
+      at the final sparsity; the lottery retrain runs ``lottery_epochs``. The task is evaluated
+      at the end of every epoch.
+
+    ``scope`` and ``prune_also`` say what magnitude pruning ranks together (``"global"`` over the
+    recurrent blocks and the named parameters, as the authors); ``lottery_penalty`` keeps the
+    regularizer on while the lottery ticket retrains and ``lottery_embedding`` reuses its C or
+    draws a new embedding. ``l1_also`` names parameters that get a plain L1 term
+    ``strength * mean(|W|)`` beside the moduli penalty, whatever the control (the authors' LM).
+    The run's metric is the mean of the last ``tail_fraction`` of its periodic evaluations.
     """
 
     steps: int = 100
@@ -47,13 +66,36 @@ class Preset:
     dense_fraction: float = 0.4
     prune_fraction: float = 0.4
     lottery_steps: int = 0
+    schedule: str = "phases"
+    steps_per_epoch: int = 0
+    epochs: int = 0
+    stabilizer_epochs: int = 0
+    lottery_epochs: int = 0
+    scope: str = "per_tensor"
+    prune_also: tuple[str, ...] = ()
+    lottery_penalty: bool = False
+    lottery_embedding: str = "reuse"
+    tail_fraction: float = 0.05
+    ramp_offset: int = 0
+    l1_also: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULE_SHAPES:
+            raise ValueError(f"unknown preset schedule {self.schedule!r}; expected one of {', '.join(SCHEDULE_SHAPES)}")
+        if self.lottery_embedding not in LOTTERY_EMBEDDINGS:
+            raise ValueError(f"unknown lottery_embedding {self.lottery_embedding!r}; expected one of "
+                             f"{', '.join(LOTTERY_EMBEDDINGS)}")
+        if self.schedule == "epochs" and (self.epochs < 2 or self.steps_per_epoch < 0 or self.ramp_offset < 0):
+            raise ValueError("the epochs schedule needs epochs >= 2 (epoch 0 is dense), steps_per_epoch >= 0 and "
+                             f"ramp_offset >= 0; got epochs={self.epochs}, steps_per_epoch={self.steps_per_epoch}, "
+                             f"ramp_offset={self.ramp_offset}")
         if self.steps < 3:
             raise ValueError(f"preset steps must be >= 3 (dense, prune and fine-tune phases); got {self.steps}")
         if not (0 < self.dense_fraction and 0 < self.prune_fraction and self.dense_fraction + self.prune_fraction < 1):
             raise ValueError("dense_fraction and prune_fraction must be > 0 with a sum < 1; got "
                              f"{self.dense_fraction} and {self.prune_fraction}")
+        if not 0 < self.tail_fraction <= 1:
+            raise ValueError(f"tail_fraction must be in (0, 1]; got {self.tail_fraction}")
         for name in ("eval_every", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"preset {name} must be >= 1; got {getattr(self, name)}")
@@ -78,6 +120,8 @@ class Task(abc.ABC):
     metric_name: str
     higher_is_better: bool
     presets: dict[str, Preset]
+    # A seed "learned" the task when its metric is below (above, if higher is better) this.
+    learned_threshold: float | None = None
 
     def __init__(self, preset: Preset, data: str | None = None) -> None:
         self.preset = preset
@@ -93,6 +137,14 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def build_model(self) -> nn.Module:
         """A freshly initialised model (uses the global torch RNG)."""
+
+    def epoch_steps(self) -> int:
+        """Steps in one pass over the training data (for presets with ``steps_per_epoch=0``)."""
+        raise NotImplementedError(f"task {self.name!r} has no natural epoch; give the preset steps_per_epoch")
+
+    def example_inputs(self) -> tuple | None:
+        """Inputs with two time steps for the graph pass (custom cells); None for PyTorch's RNN layers."""
+        return None
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """Adam at the preset's learning rate (tasks with another optimizer override)."""

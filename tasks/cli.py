@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from . import TASKS
+from . import LOTTERY_EMBEDDINGS, TASKS
 from .runner import EMBEDDINGS, GRANULARITIES, REGULARIZERS, RunConfig, RunConfigError, run
 
 __all__ = ["register_train", "register_table", "config_from_args"]
@@ -22,10 +22,13 @@ __all__ = ["register_train", "register_table", "config_from_args"]
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``train`` and ``table`` (one run, or the axes of a grid of runs)."""
-    parser.add_argument("--preset", default="cpu", help="test | cpu | paper (default: cpu)")
+    parser.add_argument("--preset", default="cpu", help="test | cpu | paper | legacy (default: cpu; cpu and paper "
+                                                        "are the authors' protocol, legacy our earlier one)")
     parser.add_argument("--inhibitor", default="dog", help="inhibitor name (default: dog)")
     parser.add_argument("--embedding", default="fixed", choices=EMBEDDINGS)
     parser.add_argument("--lottery", action="store_true", help="retrain the lottery ticket (random re-init)")
+    parser.add_argument("--lottery-embedding", default=None, choices=LOTTERY_EMBEDDINGS,
+                        help="lottery penalty: reuse C or draw a new embedding (default: the preset's, as the authors)")
     parser.add_argument("--strength", type=float, default=None, help="regularization strength (default: preset)")
     parser.add_argument("--steps", type=int, default=None, help="training steps before the lottery (default: preset)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -43,7 +46,9 @@ def register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("task", choices=sorted(TASKS))
     _add_run_options(parser)
     parser.add_argument("--manifold", default="torus", help="manifold name (default: torus)")
-    parser.add_argument("--regularizer", default="moduli", choices=REGULARIZERS)
+    parser.add_argument("--regularizer", default="moduli", choices=list(REGULARIZERS),
+                        help="moduli; l1 (coefficient 1, the authors' standard); l1-mean (the authors' mean "
+                             "variant); l1-matched (ours: moduli's mean coefficient); shuffled; none")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--granularity", default="element", choices=GRANULARITIES,
@@ -57,7 +62,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      regularizer=args.regularizer, embedding=args.embedding, sparsity=args.sparsity,
                      lottery=args.lottery, seed=args.seed, out=args.out, strength=args.strength, steps=args.steps,
                      resume=args.resume, data=args.data, checkpoint_every=args.checkpoint_every,
-                     threads=args.threads, granularity=getattr(args, "granularity", "element"))
+                     threads=args.threads, granularity=getattr(args, "granularity", "element"),
+                     lottery_embedding=args.lottery_embedding)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -83,7 +89,7 @@ def register_table(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("task", choices=sorted(TASKS))
     parser.add_argument("--preset", default="cpu", help="test | cpu | paper (default: cpu)")
     parser.add_argument("--grid", default="controls", choices=("controls", "manifolds", "embeddings", "tiles", "all"))
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds per cell (default: 3)")
+    parser.add_argument("--seeds", type=int, default=5, help="number of seeds per cell (default: 5, as the authors)")
     parser.add_argument("--sparsities", nargs="+", type=float, default=None,
                         help="default: the paper's levels for the task plus 0.99")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: preset)")

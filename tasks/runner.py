@@ -1,18 +1,26 @@
 """One training run: dense, then gradually pruned, then (optionally) a lottery-ticket retrain.
 
-A run has ``steps`` optimizer steps in three phases, then an optional fourth:
+A run has three phases, then an optional fourth:
 
 * ``dense``: train with the task loss plus the moduli penalty;
-* ``prune``: same loss while the handle ramps sparsity linearly from 0 to ``sparsity``
-  (the handle's ``total_steps`` is this phase's length);
+* ``prune``: same loss while the sparsity ramps up to ``sparsity``;
 * ``finetune``: same loss at the final sparsity, masks fixed by magnitude;
 * ``lottery`` (``lottery=True``): ``handle.lottery("random")`` re-initialises the weights,
-  keeps the masks fixed, and the task loss alone is trained from scratch with a fresh
-  optimizer.
+  keeps the masks fixed, and trains again with a fresh optimizer: the task loss plus the
+  penalty (``preset.lottery_penalty``, the authors') with the same C or a newly drawn
+  embedding (``preset.lottery_embedding``, overridden by ``RunConfig.lottery_embedding``),
+  or the task loss alone.
+
+The preset's ``schedule`` sets the lengths and the ramp: ``"phases"`` (fractions of
+``steps``, a linear ramp per step, :class:`LinearRamp`) or ``"epochs"`` (the authors':
+epoch 0 dense, ``final * e / (epochs - 1)`` from the start of epoch ``e``, then the
+stabilizer epochs, :class:`EpochRamp`).
 
 The metric is measured on the test split at three points: ``dense_metric`` (end of the
 dense phase, before any pruning), ``sparse_metric`` (end of fine-tuning) and
-``lottery_metric`` (end of the lottery retrain).
+``lottery_metric`` (end of the lottery retrain). ``sparse_tail_metric`` and
+``lottery_tail_metric`` are the means of the last ``preset.tail_fraction`` of the periodic
+validation evaluations of those phases (the number the tables report: one evaluation is noisy).
 
 The run directory holds ``config.json`` (the resolved configuration), ``metrics.jsonl``
 (one record per log/eval: step, phase, kind, loss, metric, sparsity),
@@ -28,7 +36,7 @@ Example:
     >>> RunConfig(task="adding", regularizer="l2")
     Traceback (most recent call last):
     ...
-    moduli_transform.tasks.runner.RunConfigError: unknown regularizer 'l2'; expected one of moduli, l1, shuffled, none
+    moduli_transform.tasks.runner.RunConfigError: unknown regularizer 'l2'; expected one of moduli, l1, l1-mean, l1-matched, shuffled, none
 """
 
 from __future__ import annotations
@@ -53,18 +61,21 @@ from moduli_transform.config import GRANULARITIES
 from moduli_transform.distributed import (barrier, init_distributed_from_env, is_main_process, shard_batch,
                                           sync_handle)
 
-from . import TASKS, Task, get_task
+from . import LOTTERY_EMBEDDINGS, TASKS, Preset, Task, get_task
 from .checkpoint import (capture_training_state, flatten_state, load_checkpoint, restore_training_state,
                          save_checkpoint, unflatten_state)
 
-__all__ = ["RunConfig", "RunConfigError", "RunInterrupted", "Phases", "LinearRamp", "run", "SUMMARY_KEYS",
-           "METRIC_KEYS"]
+__all__ = ["RunConfig", "RunConfigError", "RunInterrupted", "Phases", "LinearRamp", "EpochRamp", "run",
+           "tail_mean", "SUMMARY_KEYS", "METRIC_KEYS", "REGULARIZERS"]
 
-REGULARIZERS = ("moduli", "l1", "shuffled", "none")
+# Run regularizer -> (handle control, L1 constant): "l1" is the authors' "standard" L1
+# (coefficient 1), "l1-mean" their --regpower mean, "l1-matched" ours (same mean as moduli's C).
+REGULARIZERS = {"moduli": ("moduli", "matched"), "l1": ("l1", "one"), "l1-mean": ("l1", "mean"),
+                "l1-matched": ("l1", "matched"), "shuffled": ("shuffled", "matched"), "none": ("none", "matched")}
 EMBEDDINGS = ("fixed", "trained")
 SUMMARY_KEYS = ("task", "preset", "regularizer", "manifold", "inhibitor", "embedding", "sparsity", "seed",
                 "metric_name", "higher_is_better", "dense_metric", "sparse_metric", "lottery_metric",
-                "wall_time_s", "data_time_fraction", "steps")
+                "sparse_tail_metric", "lottery_tail_metric", "wall_time_s", "data_time_fraction", "steps")
 METRIC_KEYS = ("step", "phase", "kind", "loss", "metric", "sparsity")
 WEIGHTS_FILE = "weights.safetensors"
 EMBEDDINGS_FILE = "embeddings.safetensors"
@@ -110,6 +121,7 @@ class RunConfig:
     checkpoint_every: int | None = None
     threads: int | None = None
     granularity: str = "element"
+    lottery_embedding: str | None = None
 
     def __post_init__(self) -> None:
         _choice("task", self.task, sorted(TASKS))
@@ -117,6 +129,8 @@ class RunConfig:
         _choice("regularizer", self.regularizer, REGULARIZERS)
         _choice("embedding", self.embedding, EMBEDDINGS)
         _choice("granularity", self.granularity, GRANULARITIES)
+        if self.lottery_embedding is not None:
+            _choice("lottery_embedding", self.lottery_embedding, LOTTERY_EMBEDDINGS)
         if not isinstance(self.manifold, str) or not isinstance(self.inhibitor, str):
             raise RunConfigError("manifold and inhibitor must be registry names (str) so runs are recorded in JSON")
         if not 0.0 <= float(self.sparsity) < 1.0:
@@ -174,6 +188,20 @@ class Phases:
         prune = max(1, min(round(steps * prune_fraction), steps - dense - 1))
         return cls(dense, prune, steps - dense - prune, lottery)
 
+    @classmethod
+    def for_preset(cls, preset: Preset, steps: int | None, lottery: bool, epoch: int = 0) -> "Phases":
+        """The phases of ``preset`` (``steps`` overrides the phases schedule's length; ``epoch``
+        is the epoch length when the preset's ``steps_per_epoch`` is 0)."""
+        if preset.schedule == "epochs":
+            epoch = preset.steps_per_epoch or epoch
+            if epoch < 1:
+                raise ValueError(f"epochs schedule with an epoch of {epoch} steps")
+            return cls(epoch, (preset.epochs - 1) * epoch, preset.stabilizer_epochs * epoch,
+                       preset.lottery_epochs * epoch if lottery else 0)
+        steps = steps or preset.steps
+        return cls.plan(steps, preset.dense_fraction, preset.prune_fraction,
+                        (preset.lottery_steps or steps) if lottery else 0)
+
     @property
     def sparse_end(self) -> int:
         return self.dense + self.prune + self.finetune
@@ -210,6 +238,51 @@ class LinearRamp:
 
     def __call__(self, step: int) -> float:
         return self.final * min(max((step - self.start) / self.length, 0.0), 1.0)
+
+
+class EpochRamp:
+    """The authors' per-epoch ramp: after ``k`` handle steps, in epoch ``e = k // steps_per_epoch``,
+    ``final * (min(e, n - 1) + offset) / (n - 1 + offset)`` for ``e >= 1``, and 0 in epoch 0.
+
+    Epoch 0 is dense; the target of epoch ``e`` holds from its first step (the handle prunes
+    after each step to the target of the next one). Offset 0 is the adding problem's
+    ``e/(n-1)`` (adding_problem/main.py:200-204, 15ef708), offset 1 the language model's
+    ``(e+1)/n`` (word_example/main.py:283-287, epochs counted from 1 there).
+
+    Example:
+        >>> ramp = EpochRamp(0.9, steps_per_epoch=2, epochs=4)
+        >>> [round(ramp(k), 2) for k in range(0, 10, 2)]
+        [0.0, 0.3, 0.6, 0.9, 0.9]
+        >>> ramp(1), ramp(3)
+        (0.0, 0.3)
+        >>> [round(EpochRamp(0.8, 1, 4, offset=1)(k), 2) for k in range(5)]
+        [0.0, 0.4, 0.6, 0.8, 0.8]
+    """
+
+    def __init__(self, final: float, steps_per_epoch: int, epochs: int, offset: int = 0) -> None:
+        self.final, self.steps_per_epoch, self.epochs = float(final), int(steps_per_epoch), int(epochs)
+        self.offset = int(offset)
+        self.spec = {"schedule": "epoch_ramp", "final": self.final, "steps_per_epoch": self.steps_per_epoch,
+                     "epochs": self.epochs, "offset": self.offset}
+
+    def __call__(self, step: int) -> float:
+        epoch = min(step // self.steps_per_epoch, self.epochs - 1)
+        if epoch == 0:
+            return 0.0
+        return self.final * (epoch + self.offset) / (self.epochs - 1 + self.offset)
+
+
+def tail_mean(values: list[float], fraction: float) -> float | None:
+    """Mean of the last ``max(1, round(fraction * len(values)))`` values; None when empty.
+
+    Example:
+        >>> tail_mean([9.0] * 19 + [1.0], 0.05), tail_mean([], 0.05)
+        (1.0, None)
+    """
+    if not values:
+        return None
+    count = max(1, round(fraction * len(values)))
+    return sum(values[-count:]) / count
 
 
 def seed_everything(seed: int) -> None:
@@ -253,6 +326,7 @@ class _Progress:
     data_time_s: float = 0.0
     step_time_s: float = 0.0
     metrics_bytes: int = 0
+    evaluations: list = field(default_factory=list)  # [phase, validation metric] per periodic evaluation
 
 
 class _Run:
@@ -267,16 +341,23 @@ class _Run:
         self.preset = task_class.get_preset(config.preset).with_overrides(
             strength=config.strength, checkpoint_every=config.checkpoint_every)
         self.task: Task = task_class(self.preset, data=config.data)
-        lottery_steps = (self.preset.lottery_steps or (config.steps or self.preset.steps)) if config.lottery else 0
-        self.phases = Phases.plan(config.steps or self.preset.steps, self.preset.dense_fraction,
-                                  self.preset.prune_fraction, lottery_steps)
+        epoch = self.task.epoch_steps() if self.preset.schedule == "epochs" and not self.preset.steps_per_epoch else 0
+        self.phases = Phases.for_preset(self.preset, config.steps, config.lottery, epoch)
+        self.lottery_embedding = config.lottery_embedding or self.preset.lottery_embedding
         seed_everything(config.seed)
         self.model = self.task.build_model()
+        control, l1_coefficient = REGULARIZERS[config.regularizer]
         self.handle = mt.attach(
-            self.model, manifold=config.manifold, inhibitor=config.inhibitor, strength=self.preset.strength,
-            embedding=config.embedding, control=config.regularizer, sparsity=config.sparsity,
-            schedule=LinearRamp(config.sparsity, self.phases.dense, self.phases.prune),
-            total_steps=self.phases.prune, seed=config.seed, granularity=config.granularity)
+            self.model, example_inputs=self.task.example_inputs(), manifold=config.manifold,
+            inhibitor=config.inhibitor, strength=self.preset.strength, embedding=config.embedding, control=control,
+            l1_coefficient=l1_coefficient, sparsity=config.sparsity, schedule=self._schedule(),
+            total_steps=self.phases.prune, seed=config.seed, granularity=config.granularity, scope=self.preset.scope,
+            prune_also=self.preset.prune_also)
+        self._parameters = dict(self.model.named_parameters())
+        unknown = [name for name in self.preset.l1_also if name not in self._parameters]
+        if unknown:
+            raise RunConfigError(f"preset l1_also names {unknown}, not parameters of the model; it has "
+                                 f"{', '.join(self._parameters)}")
         self.optimizer = self.task.make_optimizer(self.model)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.progress = _Progress()
@@ -287,6 +368,11 @@ class _Run:
         if init_distributed_from_env(backend)[1] > 1:
             self.train_model = DistributedDataParallel(self.model)
             sync_handle(self.handle)
+
+    def _schedule(self) -> LinearRamp | EpochRamp:
+        if self.preset.schedule == "epochs":
+            return EpochRamp(self.config.sparsity, self.phases.dense, self.preset.epochs, self.preset.ramp_offset)
+        return LinearRamp(self.config.sparsity, self.phases.dense, self.phases.prune)
 
     # -- checkpoints ----------------------------------------------------------------------
     @property
@@ -327,6 +413,13 @@ class _Run:
                   "sparsity": self.handle.sparsity()["overall"]}
         file.write(json.dumps(record) + "\n")
 
+    def penalty(self) -> torch.Tensor:
+        """The handle's penalty plus the preset's plain L1 terms (``l1_also``)."""
+        total = self.handle.penalty()
+        for name in self.preset.l1_also:
+            total = total + self.preset.strength * self._parameters[name].abs().mean()
+        return total
+
     def train_step(self, phase: str, phase_step: int) -> tuple[float, float]:
         started = time.perf_counter()
         # Every rank draws the same global batch and trains on its equal slice.
@@ -334,8 +427,8 @@ class _Run:
         data_done = time.perf_counter()
         self.model.train()
         loss, metric = self.task.loss(self.train_model, batch)
-        # The lottery ticket retrains the task loss alone, masks fixed.
-        total = loss if phase == "lottery" else loss + self.handle.penalty()
+        # The lottery ticket retrains with masks fixed, with the penalty or without it (preset).
+        total = loss if phase == "lottery" and not self.preset.lottery_penalty else loss + self.penalty()
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if self.preset.clip:
@@ -360,10 +453,12 @@ class _Run:
         if step % self.preset.log_every == 0:
             self.log(file, phase, "train", loss, metric)
         valid = None
-        if step % self.preset.eval_every == 0:
+        every = self.phases.dense if self.preset.schedule == "epochs" else self.preset.eval_every
+        if step % every == 0:
             valid = self.evaluate("valid")
             self.task.after_evaluate(valid, self.optimizer)
             self.log(file, phase, "valid", None, valid)
+            self.progress.evaluations.append([phase, valid])
         marks = {phases.dense: "dense_metric", phases.sparse_end: "sparse_metric"}
         if phases.lottery:
             marks[phases.total] = "lottery_metric"
@@ -373,6 +468,10 @@ class _Run:
             self.log(file, phase, "test", None, results[marks[step]])
         if step == phases.sparse_end and phases.lottery:
             self.handle.lottery("random")
+            if self.lottery_embedding == "redraw":
+                generator = torch.Generator().manual_seed(self.config.seed + 2)
+                for regularizer in self.handle.regularizers.values():
+                    regularizer.redraw_embedding(generator)
             self.optimizer = self.task.make_optimizer(self.model)
             self.task.reset()
         return valid
@@ -403,6 +502,10 @@ class _Run:
                         self.progress.metrics_bytes = file.tell()
                         self.save_checkpoint()
 
+    def tail_metric(self, phases: tuple[str, ...]) -> float | None:
+        values = [metric for phase, metric in self.progress.evaluations if phase in phases]
+        return tail_mean(values, self.preset.tail_fraction)
+
     def summary(self) -> dict[str, Any]:
         results, config, progress = self.progress.results, self.config, self.progress
         return {
@@ -412,6 +515,8 @@ class _Run:
             "metric_name": self.task.metric_name, "higher_is_better": self.task.higher_is_better,
             "dense_metric": results.get("dense_metric"), "sparse_metric": results.get("sparse_metric"),
             "lottery_metric": results.get("lottery_metric"),
+            "sparse_tail_metric": self.tail_metric(("dense", "prune", "finetune")),
+            "lottery_tail_metric": self.tail_metric(("lottery",)) if self.phases.lottery else None,
             "dense_sparsity": results.get("dense_sparsity"), "sparse_sparsity": results.get("sparse_sparsity"),
             "lottery_sparsity": results.get("lottery_sparsity"),
             "wall_time_s": progress.wall_time_s,

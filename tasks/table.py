@@ -2,14 +2,19 @@
 
 Grids (each at the task's paper sparsity levels plus 99%, every cell over ``seeds`` seeds):
 
-* ``controls``: moduli vs none vs L1 vs shuffled (torus, difference of Gaussians);
+* ``controls``: moduli vs none vs L1 (coefficient 1) vs the authors' L1 ``mean`` vs shuffled
+  (torus, difference of Gaussians);
 * ``manifolds``: torus, circle, sphere, Klein bottle, 6-torus (moduli);
 * ``embeddings``: fixed vs trained embeddings on the torus and on R^3 (moduli).
 
-Runs land in ``<out>/<variant>-s<sparsity>-seed<seed>``; a run whose ``summary.json``
-exists is reused, so re-running a sweep only runs what is missing or failed. The table is
-written as markdown and CSV in the paper's form: one column per variant, a "Dense" row and
-"% Sparse" / "% Lottery" rows per sparsity, cells "mean (std)" over seeds.
+Every variant also gets a dense baseline: a separate full-length run at sparsity 0
+(``<out>/<variant>-dense-seed<seed>``, no lottery). Runs land in
+``<out>/<variant>-s<sparsity>-seed<seed>``; a run whose ``summary.json`` exists is reused, so
+re-running a sweep only runs what is missing or failed. The table is written as markdown and
+CSV in the paper's form: one column per variant, a "Dense" row (the sparsity-0 runs, each value
+once) and "% Sparse" / "% Lottery" rows per sparsity, cells "mean (std)" over seeds of each
+run's metric (the mean of its last 5% of evaluations), followed by "k/n", the seeds that
+learned the task, when the task has a ``learned_threshold``.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ EXTRA_SPARSITY = 0.99
 
 # variant name -> RunConfig fields
 GRIDS: dict[str, dict[str, dict[str, str]]] = {
-    "controls": {name: {"regularizer": name} for name in ("moduli", "none", "l1", "shuffled")},
+    "controls": {name: {"regularizer": name} for name in ("moduli", "none", "l1", "l1-mean", "shuffled")},
     "manifolds": {name: {"manifold": name} for name in ("torus", "circle", "sphere", "klein", "torus6")},
     "embeddings": {f"{manifold}-{embedding}": {"manifold": manifold, "embedding": embedding}
                    for manifold in ("torus", "r3") for embedding in ("fixed", "trained")},
@@ -51,8 +56,8 @@ def plan_runs(task: str, preset: str, grid: str, seeds: int, sparsities: Sequenc
 
     Example:
         >>> plans = plan_runs("adding", "test", "controls", 2, [0.9], "runs/t")
-        >>> len(plans), plans[0][0], plans[0][1].out
-        (8, 'moduli', 'runs/t/moduli-s0.9-seed0')
+        >>> len(plans), plans[0][0], plans[0][1].out, plans[2][1].out
+        (20, 'moduli', 'runs/t/moduli-s0.9-seed0', 'runs/t/moduli-dense-seed0')
     """
     grids = {name: GRIDS[name] for name in PAPER_GRIDS} if grid == "all" else {grid: GRIDS[grid]} if grid in GRIDS else None
     if grids is None:
@@ -66,6 +71,10 @@ def plan_runs(task: str, preset: str, grid: str, seeds: int, sparsities: Sequenc
                                        out=str(Path(out) / f"{variant}-s{sparsity:g}-seed{seed}"),
                                        **{**run_options, **fields})
                     plans.append((variant, config))
+            for seed in range(seeds):  # the dense baseline: its own full-length run
+                plans.append((variant, RunConfig(task=task, preset=preset, sparsity=0.0, seed=seed, lottery=False,
+                                                 out=str(Path(out) / f"{variant}-dense-seed{seed}"),
+                                                 **{**run_options, **fields})))
     # The torus moduli run appears in several grids: plan it once.
     unique = {config.out: (variant, config) for variant, config in plans}
     return list(unique.values())
@@ -98,22 +107,38 @@ def execute(configs: Sequence[RunConfig], backend: str = "local", jobs: int = 1,
     return results
 
 
-def _cell(values: list[float]) -> str:
+def _cell(values: list[float], threshold: float | None = None, higher_is_better: bool = False) -> str:
     if not values:
         return "-"
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4g} ({std:.2g})"
+    text = f"{statistics.mean(values):.4g} ({std:.2g})"
+    if threshold is not None:
+        learned = sum((v > threshold) if higher_is_better else (v < threshold) for v in values)
+        text += f" {learned}/{len(values)}"
+    return text
+
+
+def _metric(result: dict[str, Any], kind: str) -> float | None:
+    """The run's number: the last-5% mean, or the single end point of summaries written before it existed."""
+    value = result.get(f"{kind}_tail_metric")
+    return result.get(f"{kind}_metric") if value is None else value
 
 
 def aggregate(plans: Sequence[tuple[str, RunConfig]], results: Sequence[Any]) -> list[dict[str, Any]]:
-    """One row per (variant, sparsity, kind) with the seeds' values, mean and std."""
+    """One row per (variant, sparsity, kind) with the seeds' values, mean and std.
+
+    Kind ``dense`` comes from the sparsity-0 runs only (sparsity 0.0); ``sparse`` and
+    ``lottery`` from the pruned runs.
+    """
     values: dict[tuple[str, float, str], list[float]] = {}
     for (variant, config), result in zip(plans, results):
         if not isinstance(result, dict):
             continue
-        for kind, key in (("dense", "dense_metric"), ("sparse", "sparse_metric"), ("lottery", "lottery_metric")):
-            if result.get(key) is not None:
-                values.setdefault((variant, config.sparsity, kind), []).append(float(result[key]))
+        kinds = (("dense", "sparse"),) if config.sparsity == 0.0 else (("sparse", "sparse"), ("lottery", "lottery"))
+        for kind, source in kinds:
+            value = _metric(result, source)
+            if value is not None:
+                values.setdefault((variant, config.sparsity, kind), []).append(float(value))
     rows = []
     for (variant, sparsity, kind), seeds in values.items():
         rows.append({"variant": variant, "sparsity": sparsity, "kind": kind, "values": seeds,
@@ -121,27 +146,32 @@ def aggregate(plans: Sequence[tuple[str, RunConfig]], results: Sequence[Any]) ->
     return rows
 
 
-def format_markdown(rows: Sequence[dict[str, Any]], metric_name: str) -> str:
-    """The paper's layout: variants as columns; Dense, then % Sparse / % Lottery per sparsity."""
+def format_markdown(rows: Sequence[dict[str, Any]], metric_name: str, threshold: float | None = None,
+                    higher_is_better: bool = False) -> str:
+    """The paper's layout: variants as columns; Dense, then % Sparse / % Lottery per sparsity.
+
+    With ``threshold``, each cell ends with ``k/n``: the seeds whose metric beat it.
+    """
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    sparsities = sorted({r["sparsity"] for r in rows})
+    sparsities = sorted({r["sparsity"] for r in rows if r["kind"] != "dense"})
     lookup = {(r["variant"], r["sparsity"], r["kind"]): r["values"] for r in rows}
     lines = [f"| {metric_name} | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
-    dense = [sum((lookup.get((v, s, "dense"), []) for s in sparsities), []) for v in variants]
-    lines.append("| Dense | " + " | ".join(_cell(d) for d in dense) + " |")
+    lines.append("| Dense | " + " | ".join(_cell(lookup.get((v, 0.0, "dense"), []), threshold, higher_is_better)
+                                          for v in variants) + " |")
     for sparsity in sparsities:
         for kind, label in (("sparse", "Sparse"), ("lottery", "Lottery")):
-            cells = [_cell(lookup.get((v, sparsity, kind), [])) for v in variants]
+            cells = [_cell(lookup.get((v, sparsity, kind), []), threshold, higher_is_better) for v in variants]
             lines.append(f"| {100 * sparsity:g}% {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_tables(rows: Sequence[dict[str, Any]], out: str | Path, name: str, metric_name: str) -> tuple[Path, Path]:
+def write_tables(rows: Sequence[dict[str, Any]], out: str | Path, name: str, metric_name: str,
+                 threshold: float | None = None, higher_is_better: bool = False) -> tuple[Path, Path]:
     """``<out>/<name>.md`` and ``<out>/<name>.csv`` (one line per seed value)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     markdown = out / f"{name}.md"
-    markdown.write_text(format_markdown(rows, metric_name) + "\n")
+    markdown.write_text(format_markdown(rows, metric_name, threshold, higher_is_better) + "\n")
     table = out / f"{name}.csv"
     with table.open("w", newline="") as file:
         writer = csv.writer(file)
@@ -187,10 +217,11 @@ def run_table(args: argparse.Namespace) -> int:
     failures = [r for r in results if isinstance(r, RunFailure)]
     for failure in failures:
         print(f"failed: {failure.run_dir}: {failure.error.strip().splitlines()[-1]}")
-    metric_name = get_task(args.task).metric_name
+    task = get_task(args.task)
+    metric_name = task.metric_name
     name = f"{args.task}-{args.grid}"
     rows = aggregate(plans, results)
-    markdown, table = write_tables(rows, args.out, name, metric_name)
+    markdown, table = write_tables(rows, args.out, name, metric_name, task.learned_threshold, task.higher_is_better)
     print("\n" + markdown.read_text())
     figures = _figures(rows, plans, results, Path(args.out), name, metric_name)
     print(f"written: {markdown}, {table}" + "".join(f", {p}" for p in figures))

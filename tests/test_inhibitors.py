@@ -21,7 +21,7 @@ PAPER_DEFAULTS = {
     "ricker": (lambda d: 100 * (1 - d ** 2) * torch.exp(-d ** 2 / 2), True),
     "diffusion": (lambda d: d ** 2, False),
     "sinusoid": (lambda d: 50 + 50 * torch.cos(2 * d), False),
-    "gaussian": (lambda d: 100 * torch.exp(-d ** 2 / 8), True),
+    "gaussian": (lambda d: 100 * torch.exp(-d ** 2 / 3), True),  # the authors' small_gauss
     "identity": (lambda d: d, False),
     "constant": (lambda d: torch.ones_like(d), False),
 }

@@ -102,7 +102,7 @@ def test_l1_control_matches_mean_moduli_strength():
     moduli = make(Target("w", (10, 10)))
     l1 = make(Target("w", (10, 10)), control="l1")
     assert torch.allclose(l1.coefficients(), torch.full((10, 10), float(moduli.coefficients().mean())))
-    plain = make(Target("w", (10, 10)), control="l1", l1_match_mean=False)
+    plain = make(Target("w", (10, 10)), control="l1", l1_coefficient="one")
     assert torch.equal(plain.coefficients(), torch.ones(10, 10))
 
 

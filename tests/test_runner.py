@@ -35,7 +35,7 @@ def test_run_config_round_trips_through_json(config):
 @pytest.mark.parametrize("changes, message", [
     ({"task": "adder"}, "unknown task 'adder'; expected one of adding"),
     ({"preset": "huge"}, "expected one of test, cpu, paper"),
-    ({"regularizer": "l2"}, "moduli, l1, shuffled, none"),
+    ({"regularizer": "l2"}, "moduli, l1, l1-mean, l1-matched, shuffled, none"),
     ({"embedding": "learned"}, "fixed, trained"),
     ({"sparsity": 1.0}, r"sparsity must be in \[0, 1\)"),
     ({"seed": -1}, "seed"),
@@ -81,17 +81,19 @@ def test_run_writes_all_files_with_the_documented_keys(finished):
     assert [r["step"] for r in records] == sorted(r["step"] for r in records)
     tensors = load_file(str(out / "weights.safetensors"))
     masks = {k: v for k, v in tensors.items() if k.startswith("mask/")}
-    assert set(masks) == {"mask/rnn.weight_hh_l0"}
-    assert torch.equal(tensors["rnn.weight_hh_l0"] * ~masks["mask/rnn.weight_hh_l0"],
-                       torch.zeros_like(tensors["rnn.weight_hh_l0"]))
+    # The authors' scope: i2h (input columns too) and h2o, pruned globally.
+    assert set(masks) == {"mask/i2h.weight", "mask/h2o.weight"}
+    for name in ("i2h.weight", "h2o.weight"):
+        assert torch.equal(tensors[name] * ~masks[f"mask/{name}"], torch.zeros_like(tensors[name]))
 
 
 def test_run_summary_values(finished):
     config, summary = finished
-    assert summary["steps"] == 60 and summary["metric_name"] == "rmse" and summary["higher_is_better"] is False
+    assert summary["steps"] == (4 + 12 + 8) + 12 and summary["metric_name"] == "rmse" and summary["higher_is_better"] is False
     for key in ("dense_metric", "sparse_metric", "lottery_metric"):
         assert isinstance(summary[key], float) and summary[key] > 0
-    assert summary["dense_sparsity"] == 0.0
+    # Read after epoch 0, once the handle has pruned to epoch 1's target (0.5 * 1/3 of 130*16 + 16 weights).
+    assert abs(summary["dense_sparsity"] - 0.5 / 3) < 0.01
     assert abs(summary["sparse_sparsity"] - 0.5) < 0.01 and abs(summary["lottery_sparsity"] - 0.5) < 0.01
     assert 0.0 < summary["data_time_fraction"] < 1.0 and summary["wall_time_s"] > 0
 
@@ -132,7 +134,7 @@ def test_resume_refuses_other_settings(tmp_path):
 @pytest.mark.slow
 def test_adding_problem_learns(tmp_path):
     """A short dense run beats the 'always predict 1' baseline (RMSE 0.41) clearly."""
-    config = RunConfig(task="adding", preset="test", regularizer="none", sparsity=0.0, steps=600, seed=0,
+    config = RunConfig(task="adding", preset="legacy-test", regularizer="none", sparsity=0.0, steps=600, seed=0,
                        out=str(tmp_path / "learn"), checkpoint_every=10_000, threads=1)
     summary = run(config, progress=False)
     assert summary["sparse_metric"] < 0.25
@@ -150,10 +152,12 @@ def test_train_command_parses_into_a_run_config(tmp_path):
     register_table(subparsers)
     args = parser.parse_args(["train", "navigation", "--preset", "test", "--manifold", "sphere", "--inhibitor",
                               "ricker", "--regularizer", "l1", "--embedding", "trained", "--sparsity", "0.8",
-                              "--lottery", "--seed", "2", "--out", str(tmp_path), "--steps", "9", "--resume"])
+                              "--lottery", "--seed", "2", "--out", str(tmp_path), "--steps", "9", "--resume",
+                              "--lottery-embedding", "redraw"])
     assert config_from_args(args) == RunConfig(
         task="navigation", preset="test", manifold="sphere", inhibitor="ricker", regularizer="l1",
-        embedding="trained", sparsity=0.8, lottery=True, seed=2, out=str(tmp_path), steps=9, resume=True)
+        embedding="trained", sparsity=0.8, lottery=True, seed=2, out=str(tmp_path), steps=9, resume=True,
+        lottery_embedding="redraw")
     table = parser.parse_args(["table", "adding", "--seeds", "3", "--sparsities", "0.5", "0.9", "--grid", "all"])
     assert table.task == "adding" and table.seeds == 3 and table.sparsities == [0.5, 0.9]
     assert table.grid == "all" and table.backend == "local" and callable(table.func)

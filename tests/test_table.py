@@ -17,12 +17,14 @@ from moduli_transform.tasks.table import aggregate, execute, format_markdown, pl
 def test_plan_covers_the_grid_and_names_runs_deterministically(tmp_path):
     plans = plan_runs("adding", "test", "all", 3, [0.9, 0.99], tmp_path)
     variants = {variant for variant, _ in plans}
-    assert variants == {"moduli", "none", "l1", "shuffled", "torus", "circle", "sphere", "klein", "torus6",
+    assert variants == {"moduli", "none", "l1", "l1-mean", "shuffled", "torus", "circle", "sphere", "klein", "torus6",
                         "torus-fixed", "torus-trained", "r3-fixed", "r3-trained"}
     assert len({config.out for _, config in plans}) == len(plans)
-    assert all(config.lottery for _, config in plans)
+    assert all(config.lottery == (config.sparsity > 0) for _, config in plans)
     trained = [c for v, c in plans if v == "r3-trained"]
-    assert {(c.manifold, c.embedding) for c in trained} == {("r3", "trained")} and len(trained) == 6
+    assert {(c.manifold, c.embedding) for c in trained} == {("r3", "trained")} and len(trained) == 6 + 3
+    # The dense baseline: one separate sparsity-0 run per variant and seed.
+    assert sorted(c.seed for v, c in plans if v == "l1-mean" and c.sparsity == 0.0) == [0, 1, 2]
     with pytest.raises(ValueError, match="unknown grid 'control'; expected one of controls, manifolds"):
         plan_runs("adding", "test", "control", 1, [0.9], tmp_path)
 
@@ -31,16 +33,19 @@ def test_aggregate_gives_mean_and_std_in_the_paper_layout(tmp_path):
     plans = plan_runs("adding", "test", "controls", 2, [0.9], tmp_path)
     results = []
     for index, (variant, config) in enumerate(plans):
-        results.append({"dense_metric": 1.0, "sparse_metric": 0.1 * (config.seed + 1), "lottery_metric": 2.0})
+        dense = config.sparsity == 0.0
+        results.append({"dense_metric": 9.0, "sparse_metric": 8.0, "sparse_tail_metric":
+                        (0.05 if dense else 0.1) * (config.seed + 1), "lottery_tail_metric": None if dense else 2.0})
     rows = aggregate(plans, results)
     sparse = {r["variant"]: r for r in rows if r["kind"] == "sparse"}
-    assert sparse["moduli"]["mean"] == pytest.approx(0.15)
+    assert sparse["moduli"]["mean"] == pytest.approx(0.15)  # the last-5% metric, not the end point
     assert sparse["moduli"]["std"] == pytest.approx(math.sqrt(0.005))
-    table = format_markdown(rows, "rmse").splitlines()
-    assert table[0] == "| rmse | moduli | none | l1 | shuffled |"
-    assert table[2].startswith("| Dense | 1 (0) |")
-    assert table[3].startswith("| 90% Sparse | 0.15 (0.071) |")
-    assert table[4].startswith("| 90% Lottery | 2 (0) |")
+    table = format_markdown(rows, "rmse", threshold=0.15).splitlines()
+    assert table[0] == "| rmse | moduli | none | l1 | l1-mean | shuffled |"
+    # Dense: the sparsity-0 runs alone, each seed's value once (not the dense phase of the pruned runs).
+    assert table[2].startswith("| Dense | 0.075 (0.035) 2/2 |")
+    assert table[3].startswith("| 90% Sparse | 0.15 (0.071) 1/2 |")
+    assert table[4].startswith("| 90% Lottery | 2 (0) 0/2 |")
 
 
 def test_execute_skips_finished_runs_and_reruns_missing_ones(tmp_path):
@@ -58,7 +63,7 @@ def test_execute_skips_finished_runs_and_reruns_missing_ones(tmp_path):
     assert results[1] != fake  # another config (steps=9) in the directory: trained again
     for config, result in zip(configs[1:], results[1:]):
         assert json.loads((tmp_path / config.out.split("/")[-1] / "summary.json").read_text()) == result
-        assert result["sparsity"] == 0.5
+        assert result["sparsity"] == config.sparsity
 
 
 def test_run_table_writes_markdown_and_csv(tmp_path):
@@ -66,9 +71,10 @@ def test_run_table_writes_markdown_and_csv(tmp_path):
                               data=None, out=str(tmp_path), jobs=1, backend="local", address=None)
     assert run_table(args) == 0
     markdown = (tmp_path / "adding-controls.md").read_text().splitlines()
-    assert markdown[0] == "| rmse | moduli | none | l1 | shuffled |" and len(markdown) == 5
+    assert markdown[0] == "| rmse | moduli | none | l1 | l1-mean | shuffled |" and len(markdown) == 5
+    assert markdown[2].startswith("| Dense | ") and markdown[2].count("/1") == 5  # seeds-learned counts
     csv_lines = (tmp_path / "adding-controls.csv").read_text().splitlines()
-    assert csv_lines[0] == "variant,sparsity,kind,mean,std,seeds,values" and len(csv_lines) == 1 + 4 * 3
+    assert csv_lines[0] == "variant,sparsity,kind,mean,std,seeds,values" and len(csv_lines) == 1 + 5 * 3
     assert (tmp_path / "adding-controls-sparsity.png").stat().st_size > 1000
 
 

@@ -116,6 +116,30 @@ def test_missing_corpus_says_what_to_do(tmp_path):
         LanguageModelTask(LanguageModelTask.presets["test"], data=str(tmp_path / "absent.txt"))
 
 
+def test_built_in_corpus_is_the_generated_fables_and_the_default_data(monkeypatch):
+    from moduli_transform.tasks.corpus import FABLES_PATH, generate_fables
+    from moduli_transform.tasks.language_model import default_corpus_path
+
+    monkeypatch.delenv("MODULI_DATA", raising=False)
+    assert default_corpus_path() == FABLES_PATH
+    text = FABLES_PATH.read_text(encoding="utf-8")
+    assert text == generate_fables()  # the shipped file is exactly what the generator writes
+    assert 100_000 < len(text.encode()) < 400_000
+    task = LanguageModelTask(LanguageModelTask.presets["cpu"])
+    assert task.corpus.path == str(FABLES_PATH) and 300 < len(task.corpus.vocabulary) < 1000
+    assert task.epoch_steps() == task.windows > 10
+
+
+def test_language_model_init_range_is_the_authors(tmp_path):
+    _write_lines(tmp_path / "corpus.txt", 100)
+    task = LanguageModelTask(LanguageModelTask.presets["test"], data=str(tmp_path / "corpus.txt"))
+    model = task.build_model()
+    for weight in (model.embedding.weight, model.decoder.weight):
+        assert float(weight.abs().max()) <= 0.1
+    assert bool(model.decoder.bias.eq(0).all())
+    assert model.rnn.dropout == 0.0
+
+
 def test_language_model_task_trains_on_a_tiny_corpus(tmp_path):
     _write_lines(tmp_path / "corpus.txt", 400)
     task = LanguageModelTask(LanguageModelTask.presets["test"], data=str(tmp_path / "corpus.txt"))
@@ -129,12 +153,23 @@ def test_language_model_task_trains_on_a_tiny_corpus(tmp_path):
 
 
 # -- adding problem ---------------------------------------------------------------------
-def test_adding_targets_are_the_sum_of_the_marked_values():
-    inputs, targets = adding_batch(512, 30, torch.Generator().manual_seed(0))
-    markers = inputs[..., 1]
-    assert torch.equal(markers.sum(1), torch.full((512,), 2.0))
-    assert torch.equal(markers[:, :15].sum(1), torch.ones(512))  # one mark per half
-    assert torch.allclose((inputs[..., 0] * markers).sum(1), targets)
+@pytest.mark.parametrize("markers", ["anywhere", "halves"])
+def test_adding_targets_are_the_sum_of_the_marked_values(markers):
+    inputs, targets = adding_batch(4096, 30, torch.Generator().manual_seed(0), markers)
+    marks = inputs[..., 1]
+    assert torch.equal(marks.sum(1), torch.full((4096,), 2.0))  # two distinct positions
+    assert torch.allclose((inputs[..., 0] * marks).sum(1), targets)
+    first_half = marks[:, :15].sum(1)
+    if markers == "halves":
+        assert torch.equal(first_half, torch.ones(4096))
+    else:  # the authors': both marks in the first half with probability 14/58
+        assert abs(float((first_half == 2).float().mean()) - 14 / 58) < 0.03
+        assert bool(marks.sum(0).min() > 0)  # every position gets marked
+
+
+def test_adding_batch_rejects_unknown_markers():
+    with pytest.raises(ValueError, match="unknown markers 'middle'; expected one of anywhere, halves"):
+        adding_batch(2, 10, torch.Generator(), "middle")
 
 
 def test_predicting_one_scores_rmse_near_0_41():

@@ -1,0 +1,297 @@
+"""The reproduction report (docs/REPRODUCTION.md), written from a run folder of `reproduce`.
+
+For each task: the authors' protocol, the paper's numbers, and ours per preset found in
+the run folder: one table per preset and kind (sparse, lottery), rows Dense / each sparsity,
+one column per control, cells ``mean (std) k/n`` over seeds (``k`` seeds learned the task:
+metric below the task's ``learned_threshold``), the run's metric being the mean of its last
+5% of evaluations. Cells with no finished run read "not run". Below each table, the
+ordering of the controls at each sparsity, stated from the numbers.
+
+Example:
+    >>> cell([0.05, 0.07, 0.3], threshold=0.1, higher_is_better=False)
+    '0.14 (0.14) 2/3'
+    >>> cell([], threshold=0.1, higher_is_better=False)
+    'not run'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import get_task
+from .reproduce import DENSE, GRID
+
+__all__ = ["collect", "cell", "ordering", "task_section", "render", "write_report", "PAPER"]
+
+# The paper's numbers (arXiv 2406.06290v2) where we have them, keyed (regularizer, sparsity).
+# Navigation, 90%, decoding error in cm (quoted in issue 10 from the paper's Table 1).
+PAPER: dict[str, dict[tuple[str, float], float]] = {
+    "navigation": {("moduli", 0.9): 5.69, ("l1", 0.9): 86.7, ("none", 0.9): 71.8, ("shuffled", 0.9): 10.9},
+    "adding": {},
+    "language_model": {},
+}
+
+PROTOCOLS: dict[str, str] = {
+    "adding": """\
+| item | authors (adding_problem/main.py, 15ef708) | `paper` preset | `cpu` preset |
+|---|---|---|---|
+| model | `i2h` Linear on `cat([x, h])` (130 -> 128), ReLU, `h2o` readout (l. 125-165) | same (`ElmanCat`) | same |
+| data | values U(0,1), two distinct marked positions anywhere, T=50 (l. 106-122) | same | same |
+| optimizer | Adam lr 1e-4, batch 32, grad-norm clip 0.5 (l. 24-35, 186, 220) | same | same |
+| epochs | 10,000 samples (313 batches) per epoch, 100 epochs + 10 stabilizer epochs (l. 103, 179, 232) | same | 40 + 4 epochs |
+| schedule | epoch 0 dense; global L1 pruning to `target*e/(n-1)` at the start of epoch e (l. 197-204) | same | same shape |
+| scope | global over `i2h.weight` (input columns too) and `h2o.weight` (l. 187) | same | same |
+| penalty | `1e-3 * mean(C * abs(W_hh))`, W_hh = hidden columns of `i2h` (l. 45-48, 176, 211) | same | same |
+| lottery | new init + the masks, 100 epochs, penalty re-applied with the same C (l. 253-284) | same (`--lottery`) | 40 epochs |
+| metric | training loss per epoch (l. 226) | RMSE on 2,000 held-out sequences, mean of the last 5% of the per-epoch evaluations | same |
+""",
+    "navigation": """\
+| item | authors (navigation/, 15ef708) | `paper` preset | `cpu` preset |
+|---|---|---|---|
+| model | bias-free ReLU RNN, h0 = encoder(start code), linear decoder (model1.py:25-31) | same | same |
+| sizes | 512 place cells, 4096 grid cells, batch 200, T=50 (main.py:40-55) | same | 256, 256, 100, T=20 |
+| optimizer | AdamW lr 1e-4, torch's weight decay 0.01 (main.py:46-49, trainer.py:22) | same | lr 3e-3, halved every 3,000 steps |
+| epochs | 30 epochs of 1,000 steps (main.py:33-39 at ab32906; 15ef708 sets 1 step) | same | 30 of 200 |
+| schedule | epoch 0 dense; global L1 pruning to `target*e/(n-1)` at the start of epoch e (trainer.py:152-161) | same | same |
+| scope | global over encoder, W_hh, W_ih, decoder (trainer.py:147-150) | same | same |
+| penalty | `0.1 * mean(C * abs(W_hh))` (main.py:68-71, model1.py:129) | same | same |
+| lottery | new init, new embedding, the masks, 30 epochs, penalty on (main.py:171-188) | same (`--lottery`) | same |
+| metric | mean decoding error over 5 batches of 200 fresh walks (sparsevalid_total.py:60) | fixed 1,000 held-out walks after every epoch, mean of the last 5% | 500 walks |
+
+Chance level: always answering the arena's centre scores 84.2 cm in the 2.2 m arena
+(`NavigationTask.chance_level`); a seed "learned" the task below 30 cm. The authors' `none`
+control is the paper-era default `--regularizer none` (main.py:87-88 at ab32906); at 15ef708 the
+default became `klein` with squared distances, so `main.py --savefile noreg` there is a Klein run.
+""",
+    "language_model": """\
+| item | authors (word_example, 15ef708) | `paper` preset | `cpu` preset |
+|---|---|---|---|
+| model | 3-layer tanh RNN (`--model RNN_TANH`), 650 units, embedding 650, dropout 0 (multiruns.sh:4) | same | 128 units, vocabulary capped at 5000 |
+| init | encoder and decoder U(-0.1, 0.1), decoder bias 0 (model1.py:49-53) | same | same |
+| data | WikiText-2 (main.py:21) | `--data` WikiText-2 | the built-in generated fables (no download) |
+| optimizer | plain SGD lr 20, clip 0.25, batch 20, BPTT 35; lr / 4 after an epoch without a better validation loss (main.py:31-40, 239-241, 307-311) | same | lr 2 (lr 20 diverges at 128 units on the fables) |
+| penalty | 0.1 * (moduli on every W_hh + plain mean abs on every W_ih, encoder, decoder) (main.py:61-64, model1.py:89-98) | same | same |
+| schedule | 15 epochs; epoch 1 dense, then `target*e/epochs` at the start of epoch e (main.py:273-287) | same | same |
+| scope | global over encoder, decoder, every W_ih and W_hh (main.py:276-278) | same | same |
+| lottery | new model (new init, new embedding) + masks, 15 epochs, penalty re-applied (main.py:329-383) | same (`--lottery`) | same |
+| metric | validation loss per epoch, test loss at the end (main.py:290, 319) | perplexity, mean of the last 5% of the per-epoch evaluations | same |
+""",
+}
+
+DIFFERENCES = """\
+## Deliberate differences from the authors' code
+
+* **Metric.** The authors log the mean training loss of each epoch; we report RMSE (adding) on a
+  fixed held-out set, evaluated once per epoch, and the run's number is the mean of its last 5%
+  of evaluations (one evaluation is noisy). A seed "learned" the adding problem when that number
+  is below 0.1 (always predicting 1 scores 0.408).
+* **Last batch.** Every batch has 32 sequences; the authors' DataLoader ends each epoch with 16.
+* **`l1-mean`.** The authors' `--regpower mean` multiplies the L1 term by the mean of the
+  un-inverted DoG over a fresh random torus embedding (adding_problem/regularizer.py:105-108);
+  we average over the run's own embedding (same distribution, one draw fewer).
+* **`l1-matched`** is ours, not the authors': L1 with the mean of the coefficients actually used
+  (the inverted DoG, about 66), so its total strength matches moduli's. It is kept as a named
+  option and is not in the paper's tables.
+* **Evaluation after pruning.** Our handle prunes to the next epoch's target right after the
+  last step of an epoch, so the end-of-epoch evaluation sees the next epoch's mask. The last-5%
+  evaluations are all in the stabilizer epochs, at the final sparsity, so the reported numbers
+  are unaffected.
+* **Trained embeddings** have their own Adam (lr 1e-2, `embedding_lr`) in the handle, which
+  keeps the model's parameters as they were; the authors register the embedding as a model
+  parameter trained by the main Adam, its gradient scaled by 0.99^epoch (adding_problem/main.py:145,
+  214). Fixed embeddings (all the tables here) are unaffected.
+* **Gaussian inhibitor** is inverted by default (`100 exp(-d^2/3)` as the authors' `small_gauss`,
+  then `max - f`); the authors invert only with `--invert`. The `s3` distance (10 arccos) and the
+  `r3` embedding (10 randn) are the authors'.
+* **Language model.** The lottery's learning-rate annealing restarts from a fresh best validation
+  loss (the authors carry the first training's, main.py:377); a single-file corpus is split
+  90/5/5 by lines.
+* **Pruned weights.** `torch.nn.utils.prune` keeps pruned weights in `weight_orig`, where Adam's
+  momentum still moves them, and zeroes them when `prune.remove` runs each epoch; we keep them at
+  exactly 0 throughout. Both never revive a pruned weight.
+
+## The authors' navigation "L1" control is all zeros
+
+In navigation/regularizer.py (15ef708) the "standard" regularizer is a matrix of ones (squared by
+the default `--regpower square`: still ones), and the committed runs (navigation/multiruns.sh:6)
+pass `--invert`, which replaces C by `max(C) - C`: for a constant matrix that is 0 everywhere.
+The committed navigation "L1" run therefore trains with no penalty at all. Our `l1` is
+coefficient 1 (the authors' intent), `l1-mean` their `mean` variant.
+
+A related reading of the same script: its "noreg" run (multiruns.sh:7) passes no
+`--regularizer`, so it gets main.py's default `--regularizer klein` (navigation/main.py:87-89)
+with `--regpower square` and no inversion: C = (Klein-bottle distance)^2 at strength 0.1, a
+penalty on long connections rather than none. If the paper's tables came from this script, its
+navigation "L1" column (86.7 cm at 90%) is the unregularized model and its "none" column
+(71.8 cm) a squared-distance Klein regularizer. Our `none` is no penalty.
+"""
+
+
+def collect(runs: str | Path) -> list[dict[str, Any]]:
+    """The finished runs under ``runs`` (``<runs>/<task>-<preset>/<run>/summary.json``), with their config."""
+    records = []
+    for summary_path in sorted(Path(runs).glob("*/*/summary.json")):
+        try:
+            summary = json.loads(summary_path.read_text())
+            config = json.loads((summary_path.parent / "config.json").read_text())["run"]
+        except (OSError, ValueError, KeyError):
+            continue  # a run still writing, or not ours
+        records.append({**summary, "lottery": bool(config.get("lottery")), "run_dir": str(summary_path.parent)})
+    return records
+
+
+def _learned(value: float, threshold: float | None, higher_is_better: bool) -> bool:
+    return threshold is not None and (value > threshold if higher_is_better else value < threshold)
+
+
+def cell(values: Sequence[float], threshold: float | None, higher_is_better: bool) -> str:
+    """``mean (std) k/n`` (k seeds learned) or ``not run``."""
+    if not values:
+        return "not run"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    text = f"{statistics.mean(values):.3g} ({std:.2g})"
+    if threshold is not None:
+        text += f" {sum(_learned(v, threshold, higher_is_better) for v in values)}/{len(values)}"
+    return text
+
+
+def _values(records: Sequence[dict], regularizer: str, sparsity: float, key: str) -> list[float]:
+    return [float(r[key]) for r in records
+            if r["regularizer"] == regularizer and abs(r["sparsity"] - sparsity) < 1e-9 and r.get(key) is not None]
+
+
+def ordering(means: dict[str, float], higher_is_better: bool) -> str:
+    """The controls ranked best first, e.g. ``moduli 0.05 < none 0.2``.
+
+    Example:
+        >>> ordering({"none": 0.2, "moduli": 0.05}, higher_is_better=False)
+        'moduli 0.05 < none 0.2'
+    """
+    ranked = sorted(means, key=means.get, reverse=higher_is_better)
+    sign = " > " if higher_is_better else " < "
+    return sign.join(f"{name} {means[name]:.3g}" for name in ranked)
+
+
+def _table(records: Sequence[dict], task: str, key: str, threshold: float | None, higher: bool) -> list[str]:
+    regularizers, sparsities = GRID[task]
+    lines = ["| | " + " | ".join(regularizers) + " |", "|---" * (len(regularizers) + 1) + "|"]
+    dense_key = "sparse_tail_metric"  # a dense baseline has no lottery of its own
+    lines.append("| Dense | " + " | ".join(cell(_values(records, r, DENSE, dense_key), threshold, higher)
+                                          for r in regularizers) + " |")
+    for sparsity in sparsities:
+        lines.append(f"| {100 * sparsity:g}% | " + " | ".join(
+            cell(_values(records, r, sparsity, key), threshold, higher) for r in regularizers) + " |")
+    return lines
+
+
+def _statements(records: Sequence[dict], task: str, key: str, higher: bool) -> list[str]:
+    """Per sparsity: the ranking, and whether moduli is best as the paper reports."""
+    regularizers, sparsities = GRID[task]
+    lines = []
+    for sparsity in sparsities:
+        means = {r: statistics.mean(v) for r in regularizers if (v := _values(records, r, sparsity, key))}
+        if len(means) < 2:
+            continue
+        text = f"* {100 * sparsity:g}%: {ordering(means, higher)}."
+        if "moduli" in means:
+            ranked = sorted(means, key=means.get, reverse=higher)
+            best, runner_up = ranked[0], ranked[1]
+            text += (" Moduli has the best mean, as in the paper." if best == "moduli" else
+                     f" Moduli is not best ({best} is), against the paper.")
+            spread = [statistics.stdev(v) for r in (best, runner_up)
+                      if len(v := _values(records, r, sparsity, key)) > 1]
+            if not spread or abs(means[best] - means[runner_up]) < max(spread):
+                text += f" The margin over {runner_up} is within the seeds' spread (or one seed): the ordering is not settled."
+            else:
+                text += f" The margin over {runner_up} exceeds the seeds' spread: the ordering {'holds' if best == 'moduli' else 'does not hold'}."
+        seeds = {len(_values(records, r, sparsity, key)) for r in means}
+        if min(seeds) < 3:
+            text += f" (fewer than 3 seeds in some cells: {min(seeds)})"
+        lines.append(text)
+    return lines
+
+
+def task_section(task: str, records: Sequence[dict]) -> str:
+    """The markdown section of one task."""
+    task_class = get_task(task)
+    threshold, higher = task_class.learned_threshold, task_class.higher_is_better
+    regularizers, sparsities = GRID[task]
+    lines = [f"## {task}", "", PROTOCOLS[task].rstrip(), ""]
+    paper = PAPER.get(task, {})
+    lines += [f"### The paper's numbers ({task_class.metric_name})", ""]
+    if paper:
+        lines += ["| | " + " | ".join(regularizers) + " |", "|---" * (len(regularizers) + 1) + "|"]
+        for sparsity in sparsities:
+            lines.append(f"| {100 * sparsity:g}% | " + " | ".join(
+                f"{paper[(r, sparsity)]:g}" if (r, sparsity) in paper else "-" for r in regularizers) + " |")
+    else:
+        lines.append("Not transcribed here; see the paper (arXiv 2406.06290v2) for its tables.")
+    lines.append("")
+    presets = ["cpu", "paper", *sorted({r["preset"] for r in records if r["task"] == task} - {"cpu", "paper"})]
+    for preset in presets:
+        ours = [r for r in records if r["task"] == task and r["preset"] == preset]
+        for kind, key, pool in (("sparse", "sparse_tail_metric", [r for r in ours if not r["lottery"]] or ours),
+                                ("lottery", "lottery_tail_metric", [r for r in ours if r["lottery"]])):
+            if kind == "lottery" and not pool:
+                continue
+            learned = f", k/n: seeds with {task_class.metric_name} " \
+                      f"{'above' if higher else 'below'} {threshold:g}" if threshold is not None else ""
+            lines += [f"### Ours, `{preset}` preset, {kind} ({task_class.metric_name}, mean (std) over seeds"
+                      f"{learned})", ""]
+            lines += _table(pool, task, key, threshold, higher)
+            times = [r["wall_time_s"] for r in pool if r.get("wall_time_s")]
+            if times:
+                lines += ["", f"{len(pool)} runs, {statistics.mean(times) / 60:.1f} min per run on one thread."]
+            statements = _statements(pool, task, key, higher)
+            if statements:
+                lines += ["", "Ordering (best first):", "", *statements]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def render(runs: str | Path, tasks: Sequence[str] = tuple(GRID)) -> str:
+    """The whole report as markdown."""
+    records = collect(runs)
+    header = [
+        "# Reproduction of arXiv 2406.06290 (Mackey et al.)", "",
+        "Generated by `moduli-transform reproduce` from the runs in "
+        f"`{runs}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; regenerate with "
+        f"`moduli-transform reproduce --report-only --runs {runs}`. The authors' code: "
+        "github.com/mackeynations/Moduli-regularizers, commit 15ef708.", "",
+        "Controls: `moduli` (torus, inverted difference of Gaussians), `l1` (the authors' \"standard\": "
+        "coefficient 1), `l1-mean` (the authors' `--regpower mean`: the mean of the un-inverted DoG, "
+        "about 14.8), `shuffled` (moduli's C permuted), `none`. Dense: a separate full-length run at "
+        "sparsity 0. Each run's number is the mean of its last 5% of per-epoch evaluations; "
+        "`k/n` counts the seeds that learned the task (adding: RMSE below 0.1, where always answering "
+        "1 scores 0.408; navigation: below 30 cm). Cells without finished runs read \"not run\"; "
+        "the run folder is filled in priority order (`moduli_transform.tasks.reproduce.STAGES`).", "",
+    ]
+    sections = [task_section(task, records) for task in tasks]
+    return "\n".join(header) + "\n" + "\n".join(sections) + "\n" + DIFFERENCES
+
+
+def write_report(runs: str | Path, path: str | Path, tasks: Sequence[str] = tuple(GRID)) -> Path:
+    """Write :func:`render` to ``path`` atomically (temp file, fsync, rename; the umask's mode)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = render(runs, tasks)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,109 @@
+"""`reproduce`: the plan's order and cells, reuse/resume/conflict rules, and the report on partial results."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from moduli_transform.tasks.reproduce import execute, plan, run_status
+from moduli_transform.tasks.reproduction import cell, collect, render
+from moduli_transform.tasks.runner import RunInterrupted, run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_plan_covers_the_grid_once_with_dense_baselines_and_three_seeds_first(tmp_path):
+    plans = plan("adding", "test", seeds=5, runs=tmp_path)
+    cells = {(c.regularizer, c.sparsity, c.seed) for c in plans}
+    assert len(plans) == len(cells) == 5 * (5 * 3 + 5)  # 5 controls x (3 sparsities + dense) x 5 seeds
+    assert {(r, s) for r, s, _ in cells if s == 0.0} == {(r, 0.0) for r in ("moduli", "l1", "l1-mean", "shuffled",
+                                                                               "none")}
+    # The paper's 90% level for the four controls, seeds 0-2, comes first, seed-major.
+    first = plans[:12]
+    assert [c.seed for c in first] == [0] * 4 + [1] * 4 + [2] * 4
+    assert {(c.regularizer, c.sparsity) for c in first} == {(r, 0.9) for r in ("moduli", "l1", "shuffled", "none")}
+    assert {(c.regularizer, c.sparsity) for c in plans[12:18]} == {("none", 0.0), ("l1-mean", 0.9)}
+    assert all(c.threads == 1 and not c.lottery for c in plans)
+    # l1-mean at 95% is the first cell dropped: it comes last.
+    assert (plans[-1].regularizer, plans[-1].sparsity) == ("l1-mean", 0.95)
+
+
+def test_plan_rejects_unknown_tasks():
+    with pytest.raises(ValueError, match="no reproduction grid for task 'adder'; expected one of adding"):
+        plan("adder", "test")
+
+
+def test_runs_are_reused_resumed_or_left_alone(tmp_path, capsys):
+    finished, partial, foreign = plan("adding", "test", seeds=1, runs=tmp_path)[:3]
+    assert run_status(finished) == "new"
+    run(finished, progress=False)
+    assert run_status(finished) == "finished"
+    with pytest.raises(RunInterrupted):
+        run(partial, progress=False, stop_after=5)
+    assert run_status(partial) == "partial"
+    # A folder recording another run (here: another sparsity) is never overwritten.
+    run(replace(foreign, sparsity=0.3), progress=False)
+    before = (Path(foreign.out) / "summary.json").read_text()
+    assert run_status(foreign) == "conflict"
+    finished_summary = json.loads((Path(finished.out) / "summary.json").read_text())
+
+    results = execute([finished, partial, foreign])
+    assert results[finished.out] == finished_summary  # reused as it was
+    assert results[foreign.out] == "conflict"
+    assert (Path(foreign.out) / "summary.json").read_text() == before
+    assert "left alone" in capsys.readouterr().err
+    # The resumed run ends as an uninterrupted one would.
+    whole = run(replace(partial, out=str(tmp_path / "whole")), progress=False)
+    assert results[partial.out]["sparse_tail_metric"] == whole["sparse_tail_metric"]
+    assert run_status(partial) == "finished"
+
+
+def test_a_changed_preset_makes_a_finished_run_a_conflict(tmp_path, monkeypatch):
+    from moduli_transform.tasks import adding
+
+    config = plan("adding", "test", seeds=1, runs=tmp_path)[0]
+    run(config, progress=False)
+    monkeypatch.setitem(adding.PRESETS, "test", replace(adding.PRESETS["test"], lr=0.5))
+    assert run_status(config) == "conflict"
+
+
+def test_report_on_partial_results_marks_missing_cells_and_counts_learned_seeds(tmp_path):
+    runs = tmp_path / "runs"
+    configs = plan("adding", "test", seeds=2, runs=runs)
+    for config in configs[:2]:
+        run(config, progress=False)
+    records = collect(runs)
+    assert len(records) == 2
+    text = render(runs, ["adding"])
+    assert "not run" in text and "## adding" in text and "not transcribed" in text.lower()
+    ours = text.split("### Ours, `test` preset")[1]
+    row = [line for line in ours.splitlines() if line.startswith("| 90% |")][0]
+    values = [r["sparse_tail_metric"] for r in records if r["regularizer"] == "moduli"]
+    assert row.split(" | ")[1] == cell(values, 0.1, False)  # the moduli column: its one finished seed
+    assert "### Ours, `cpu` preset" in text  # presets without runs are listed as not run
+    assert cell([0.05, 0.2, 0.09], 0.1, False).endswith(" 2/3")
+    assert cell([31.0, 12.0], 30.0, False).endswith(" 1/2")
+
+
+def test_reproduce_command_errors_are_one_line_with_status_2(tmp_path, capsys):
+    from moduli_transform.cli import main
+
+    assert main(["reproduce", "--tasks", "adder", "--runs", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == "moduli-transform reproduce: error: unknown task 'adder'; expected one of adding, navigation, " \
+                    "language_model"
+    assert main(["reproduce", "--preset", "huge", "--runs", str(tmp_path)]) == 2
+    assert "unknown preset 'huge'" in capsys.readouterr().err
+
+
+def test_report_only_writes_the_report_atomically(tmp_path):
+    from moduli_transform.cli import main
+
+    report = tmp_path / "docs" / "REPRODUCTION.md"
+    assert main(["reproduce", "--report-only", "--runs", str(tmp_path / "none"), "--report", str(report)]) == 0
+    text = report.read_text()
+    assert text.startswith("# Reproduction of arXiv 2406.06290")
+    assert "all zeros" in text and list(report.parent.iterdir()) == [report]
