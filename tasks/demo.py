@@ -27,7 +27,7 @@ CONTROLS = ("moduli", "none", "l1", "shuffled")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="navigation at 90% sparsity with the controls, table, figure, export")
+    parser = subparsers.add_parser("demo", help="navigation at 90%% sparsity with the controls, table, figure, export")
     parser.add_argument("--out", default="runs/demo", help="folder for the runs, table and figure")
     parser.add_argument("--steps", type=int, default=1200,
                         help="training steps per run, and as many for the lottery ticket (default: 1200)")
