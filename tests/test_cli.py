@@ -125,3 +125,38 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def test_demo_quick_has_its_own_folder_and_refuses_a_foreign_run(tmp_path, capsys, monkeypatch):
+    from moduli_transform.tasks.demo import register, run_demo
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    monkeypatch.chdir(tmp_path)
+    foreign = tmp_path / "runs" / "demo-quick" / "moduli"
+    foreign.mkdir(parents=True)
+    (foreign / "summary.json").write_text("{}")
+    status = run_demo(parser.parse_args(["demo", "--quick"]))
+    err = capsys.readouterr().err
+    assert status == 2 and "runs/demo-quick/moduli already holds a run" in err and "--fresh" in err
+    assert len(err.strip().splitlines()) == 1
+    assert (foreign / "summary.json").read_text() == "{}"
+    assert not (tmp_path / "runs" / "demo").exists()
+
+
+@pytest.mark.slow
+def test_wheel_installs_no_top_level_tasks_or_export(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(root)],
+                   check=True, timeout=300, capture_output=True)
+    (wheel,) = tmp_path.glob("moduli_transform-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith((".dist-info", ".data"))}
+    assert top_level == {"moduli_transform"}
+    assert "moduli_transform/tasks/run_folder.py" in names and "moduli_transform/export/onnx_export.py" in names
