@@ -59,13 +59,17 @@ BAD = [
     (["export", "--model", "no_such_file.py:make", "--safetensors", "x.safetensors"], "no_such_file.py"),
     (["export", "--state", "no/such.safetensors", "--model", "torch.nn:Identity", "--safetensors", "x.st"],
      "no such file"),
+    (["inspect", "{models}:make", "--input-shape", "2,3,5"], "fails on inputs of shape 2x3x5"),
     (["export", "--run", "no/such/run", "--safetensors", "x.safetensors"], "not a finished run folder"),
 ]
 
 
 @pytest.mark.parametrize("argv,message", BAD, ids=[" ".join(a[:3]) + "|" + m for a, m in BAD])
-def test_user_mistakes_are_one_line_and_exit_2(argv, message, a_file, capsys):
-    status, _, err = _call([a_file if part == "{file}" else part for part in argv], capsys)
+def test_user_mistakes_are_one_line_and_exit_2(argv, message, a_file, tmp_path, capsys):
+    models = tmp_path / "gru_models.py"
+    models.write_text("import torch\n\ndef make():\n    return torch.nn.GRU(8, 16, batch_first=True)\n")
+    argv = [part.replace("{file}", a_file).replace("{models}", str(models)) for part in argv]
+    status, _, err = _call(argv, capsys)
     assert status == 2
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
