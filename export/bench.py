@@ -453,9 +453,31 @@ def configs_from_args(args: argparse.Namespace) -> list[BenchConfig]:
             for b in args.batch for s in args.sparsity]
 
 
+def _validate(args: argparse.Namespace) -> None:
+    """Raise :class:`BenchError` for bad sizes before any benchmarking starts."""
+    for option, values, low in (("--hidden", args.hidden, 1), ("--batch", args.batch, 1),
+                                ("--steps", [args.steps], 1), ("--rounds", [args.rounds], 1),
+                                ("--repeats", [args.repeats], 1)):
+        for value in values:
+            if value < low:
+                raise BenchError(f"{option} must be >= {low}, got {value}")
+    for sparsity in args.sparsity:
+        if not 0.0 <= sparsity < 1.0:
+            raise BenchError(f"--sparsity {sparsity} is not in [0, 1)")
+    if args.threads is not None and args.threads < 1:
+        raise BenchError(f"--threads must be >= 1, got {args.threads}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise BenchError(f"--out {args.out} is a file, not a folder")
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark the parsed options describe, print the table and save files."""
-    configs = configs_from_args(args)
+    try:
+        _validate(args)
+        configs = configs_from_args(args)
+    except ValueError as error:
+        print(f"moduli-transform bench: error: {error}", file=sys.stderr)
+        return 2
     table, bandwidth = run_benchmark(configs, args.libraries, args.rounds, args.repeats,
                                      args.threads, log=lambda m: print(m, file=sys.stderr))
     print(markdown_table(table, bandwidth))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
@@ -19,6 +18,8 @@ def register_export(subparsers) -> None:
                         help="a module:factory spec, or a .safetensors file (same as --state)")
     parser.add_argument("--model", default=None, metavar="MODULE:FACTORY",
                         help="callable returning the nn.Module (e.g. mypkg.models:make_rnn)")
+    parser.add_argument("--run", default=None, metavar="RUN_DIR",
+                        help="a `moduli-transform train` run folder: its task's model and weights.safetensors")
     parser.add_argument("--state", default=None, metavar="PATH.safetensors",
                         help="weights (and masks) to load, written by moduli_transform.export.save_safetensors")
     parser.add_argument("--input-shape", default=None, metavar="B,T,F",
@@ -33,15 +34,47 @@ def register_export(subparsers) -> None:
 
 
 def _load_factory(spec: str):
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise ValueError(f"--model {spec!r} is not of the form module:factory")
+    """``module:factory`` or ``file.py:factory`` (the same rule as ``inspect``)."""
+    from moduli_transform.inspection import load_factory
+
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    factory = getattr(importlib.import_module(module_name), attribute, None)
-    if not callable(factory):
-        raise ValueError(f"{spec!r}: {attribute!r} is not a callable in module {module_name!r}")
-    return factory
+    return load_factory(spec)
+
+
+def _read_weights(path: str):
+    """Weights and masks from an export file or from the ``weights.safetensors`` of a run."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from moduli_transform.export import read_safetensors
+
+    if not os.path.isfile(path):
+        raise ValueError(f"--state {path}: no such file")
+    with safe_open(path, framework="pt") as handle:
+        is_run = (handle.metadata() or {}).get("format") == "moduli-transform-run"
+    if not is_run:
+        loaded = read_safetensors(path)
+        return loaded.state_dict, loaded.masks
+    tensors = load_file(path)  # the run folder's layout: parameters, and masks under mask/<name>
+    masks = {name[len("mask/"):]: t.bool() for name, t in tensors.items() if name.startswith("mask/")}
+    return {name: t for name, t in tensors.items() if not name.startswith("mask/")}, masks
+
+
+def _from_run(run_dir: str):
+    """The model factory and weights of a ``moduli-transform train`` run folder."""
+    import json
+
+    from moduli_transform.tasks import get_task
+
+    config_path = os.path.join(run_dir, "config.json")
+    weights = os.path.join(run_dir, "weights.safetensors")
+    if not (os.path.isfile(config_path) and os.path.isfile(weights)):
+        raise ValueError(f"--run {run_dir}: not a finished run folder (needs config.json and weights.safetensors)")
+    run = json.loads(open(config_path).read())["run"]
+    task_class = get_task(run["task"])
+    task = task_class(task_class.get_preset(run["preset"]))
+    return task.build_model, weights
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -58,7 +91,7 @@ def run_export(args: argparse.Namespace) -> int:
     """Carry out ``moduli-transform export``; returns the exit status."""
     import torch
 
-    from moduli_transform.export import read_safetensors, save_safetensors, to_onnx
+    from moduli_transform.export import save_safetensors, to_onnx
 
     spec, state_path = args.model, args.state
     if args.source is not None:
@@ -67,18 +100,22 @@ def run_export(args: argparse.Namespace) -> int:
         else:
             spec = spec or args.source
     try:
-        if spec is None:
+        factory = None
+        if args.run:
+            factory, state_path = _from_run(args.run)
+            state_path = args.state or state_path
+        if spec is None and factory is None:
             raise ValueError("give the model factory: moduli-transform export module:factory [--state W.safetensors]")
         if not (args.onnx or args.safetensors):
             raise ValueError("nothing to write: pass --onnx OUT.onnx and/or --safetensors OUT.safetensors")
         if args.onnx and not args.input_shape:
             raise ValueError("--onnx needs --input-shape (e.g. 1,16,2)")
-        model = _load_factory(spec)()
+        model = (_load_factory(spec) if spec else factory)()
         masks = None
         if state_path:
-            loaded = read_safetensors(state_path)
-            model.load_state_dict(loaded.state_dict, strict=True)
-            masks = loaded.masks
+            state_dict, masks = _read_weights(state_path)
+            model.load_state_dict(state_dict, strict=True)
+        model.eval()
         if args.safetensors:
             document = save_safetensors(model, args.safetensors, masks=masks)
             sparse = [e for e in document["entries"] if e["storage"] == "csr"]
@@ -93,8 +130,8 @@ def run_export(args: argparse.Namespace) -> int:
             errors = ", ".join(f"T={t}: {e:.2e}" for t, e in report.max_abs_error.items())
             print(f"onnx: {args.onnx} ({report.file_bytes} bytes, sequence length {limit}, "
                   f"max abs error vs PyTorch {errors}, {len(report.sparse_initializers)} sparse initializers)")
-    except (ValueError, ImportError, OSError) as error:
-        print(f"moduli-transform export: error: {error}", file=sys.stderr)
+    except (ValueError, ImportError, OSError, RuntimeError, KeyError) as error:
+        print(f"moduli-transform export: error: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2
     return 0
 

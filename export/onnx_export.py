@@ -54,6 +54,8 @@ METADATA_KEY = "moduli_transform"
 DEFAULT_OPSET = 17
 TOLERANCE = 1e-5
 EXTRA_STEPS = 3  # how much longer the sequence used to check a dynamic time axis is
+# The TracerWarning text for `if tensor:` / `if x.sum() > 0:` in a traced forward.
+DATA_DEPENDENT = "Converting a tensor to a Python boolean"
 
 # ONNX gate block j holds PyTorch gate block ONNX_GATE_PERMUTATION[op][j].
 ONNX_GATE_PERMUTATION: dict[str, tuple[int, ...]] = {"LSTM": (0, 3, 1, 2), "GRU": (1, 0, 2), "RNN": (0,)}
@@ -212,15 +214,32 @@ def _export_bytes(model: nn.Module, inputs: tuple[Tensor, ...], input_names: lis
         if axes:
             dynamic_axes[name] = axes
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy-exporter and tracer warnings are expected
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # recorded, not shown: most are the legacy exporter's notices
         try:
             torch.onnx.export(model, inputs, buffer, dynamo=False, opset_version=opset,
                               input_names=input_names, output_names=output_names,
                               dynamic_axes=dynamic_axes, do_constant_folding=True)
         except Exception as error:  # the exporter raises many types; report them as one
             raise OnnxExportError(f"torch.onnx.export failed: {type(error).__name__}: {error}") from error
+    _raise_on_data_dependent_branch(caught)
     return buffer.getvalue()
+
+
+def _raise_on_data_dependent_branch(caught: Sequence[warnings.WarningMessage]) -> None:
+    """A tensor turned into a Python bool means the tracer froze one branch of an ``if``:
+    the ONNX graph would then be right only for inputs that take the traced branch."""
+    # torch's own modules check shapes and flags this way (nn.LSTM's input checks); those
+    # branches do not depend on the data, so only the user's code counts.
+    torch_root = os.path.dirname(os.path.abspath(torch.__file__))
+    for warning in caught:
+        if (issubclass(warning.category, torch.jit.TracerWarning) and DATA_DEPENDENT in str(warning.message)
+                and not os.path.abspath(warning.filename).startswith(torch_root + os.sep)):
+            raise OnnxExportError(
+                f"{warning.filename}:{warning.lineno}: the forward branches on tensor values (a tensor "
+                "is converted to a Python boolean); the traced ONNX graph keeps one branch only and "
+                "would be wrong for other inputs. Rewrite the branch with torch.where, or keep it out "
+                "of the exported forward")
 
 
 # --------------------------------------------------------------------------- mapping
@@ -380,6 +399,20 @@ def run_onnx(path: str | os.PathLike, inputs: Any) -> list[np.ndarray]:
     return session.run(None, feeds)
 
 
+def _probe_inputs(inputs: tuple[Tensor, ...], axis: int, length: int, seed: int) -> list[tuple[Tensor, ...]]:
+    """Inputs the ONNX graph must agree on at ``length`` steps: random ones of the same
+    shapes and their negation (a frozen branch or a constant folded from the example shows
+    up on at least one of them)."""
+    probe = _resized(inputs, axis, length, seed=seed)
+    flipped = tuple(-x if x.is_floating_point() else x for x in probe)
+    return [probe, flipped]
+
+
+def _parity(session: Any, model: nn.Module, input_sets: Sequence[tuple[Tensor, ...]], names: list[str]) -> float:
+    """The largest ONNX Runtime vs PyTorch difference over several input sets."""
+    return max(_max_abs_error(session, model, inputs, names) for inputs in input_sets)
+
+
 def _max_abs_error(session: Any, model: nn.Module, inputs: tuple[Tensor, ...], names: list[str]) -> float:
     with torch.no_grad():
         expected = [t.detach().cpu().numpy() for t in _flatten(model(*inputs))]
@@ -455,7 +488,8 @@ def to_onnx(model: Any, example_inputs: Any, path: str | os.PathLike, *,
     final = model_proto.SerializeToString()
     if sparse_names:  # the stored graph changed: check it still runs and matches
         with _eval_mode(model):
-            error = _max_abs_error(_session(final), model, inputs, names)
+            error = _parity(_session(final), model, [inputs, *_probe_inputs(inputs, axis, traced_length, 2)],
+                            names)
         if not error <= tolerance:
             raise OnnxExportError(f"with sparse initializers ONNX Runtime differs from PyTorch by {error:.3g}")
     atomic_write_bytes(path, final)
@@ -476,21 +510,24 @@ def _export_checked(model: nn.Module, inputs: tuple[Tensor, ...], names: list[st
                     axis: int, opset: int, tolerance: float) -> tuple[bytes, bool, dict[int, float]]:
     """Export with a dynamic time axis if ONNX Runtime proves it right, else a fixed one."""
     traced = int(next(x for x in inputs if x.dim() > axis).shape[axis])
-    longer = _resized(inputs, axis, traced + EXTRA_STEPS, seed=0)
+    negated = tuple(-x if x.is_floating_point() else x for x in inputs)
+    at_traced = [inputs, negated, *_probe_inputs(inputs, axis, traced, seed=1)]
+    longer = _probe_inputs(inputs, axis, traced + EXTRA_STEPS, seed=0)
     data = _export_bytes(model, inputs, names, outputs, axis, True, opset)
     session = _session(data)
-    errors = {traced: _max_abs_error(session, model, inputs, names)}
+    errors = {traced: _parity(session, model, at_traced, names)}
     if not errors[traced] <= tolerance:
         raise OnnxExportError(f"ONNX Runtime differs from PyTorch by {errors[traced]:.3g} "
-                              f"(> {tolerance}) at the traced length {traced}")
+                              f"(> {tolerance}) at the traced length {traced} (example, negated "
+                              "and random inputs)")
     try:
-        errors[traced + EXTRA_STEPS] = _max_abs_error(session, model, longer, names)
+        errors[traced + EXTRA_STEPS] = _parity(session, model, longer, names)
     except Exception:  # ORT rejects the longer input: the graph is not length-generic
         errors[traced + EXTRA_STEPS] = math.inf
     if errors[traced + EXTRA_STEPS] <= tolerance:
         return data, True, errors
     data = _export_bytes(model, inputs, names, outputs, axis, False, opset)
-    errors = {traced: _max_abs_error(_session(data), model, inputs, names)}
+    errors = {traced: _parity(_session(data), model, at_traced, names)}
     if not errors[traced] <= tolerance:
         raise OnnxExportError(f"fixed-length export differs from PyTorch by {errors[traced]:.3g}")
     return data, False, errors

@@ -87,12 +87,24 @@ class LoadedExport:
 
 
 # --------------------------------------------------------------------------- writing
+def _current_umask() -> int:
+    """The process umask (reading it means setting it; it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, replace."""
+    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, replace.
+
+    The file gets the mode a plain ``open(path, "w")`` would give (0666 less the umask):
+    ``mkstemp`` creates it 0600, which would hide exports from the user's group.
+    """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -108,6 +108,15 @@ def run_inspect(args: argparse.Namespace) -> int:
               "not an nn.Module", file=sys.stderr)
         return 2
     inputs = example_inputs(args.input_shape or [(2, 3, 8)], args.dtype, args.high)
+    shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
+    try:  # run it eagerly first: a shape mismatch is then reported as one, not as a capture failure
+        with torch.no_grad():
+            getattr(model, args.method or "forward")(*inputs)
+    except Exception as error:  # whatever the model raises on these inputs
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"moduli-transform inspect: {args.factory} fails on inputs of shape {shapes} "
+              f"(--input-shape): {message}", file=sys.stderr)
+        return 2
     try:
         targets = find_recurrent_targets(model, inputs, method=args.method)
     except GraphCaptureError as error:

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 from . import LOTTERY_EMBEDDINGS, TASKS
+from .run_folder import RunFolderError, claim_run_folder
 from .runner import EMBEDDINGS, GRANULARITIES, REGULARIZERS, RunConfig, RunConfigError, run
 
-__all__ = ["register_train", "register_table", "config_from_args"]
+__all__ = ["register_train", "register_table", "config_from_args", "validate_names"]
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +57,8 @@ def register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--granularity", default="element", choices=GRANULARITIES,
                         help="prune single weights or whole 16x16 tiles in the manifold order")
     parser.add_argument("--out", default=None, help="run directory (default: runs/<task>-<preset>-...)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="move an existing run in --out aside to <out>.old-<timestamp> (never deleted)")
     parser.set_defaults(func=_train)
 
 
@@ -66,17 +71,48 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      lottery_embedding=args.lottery_embedding)
 
 
+def validate_names(manifold: str | None, inhibitor: str | None) -> None:
+    """Raise ``ValueError`` (naming the choices) for an unknown manifold or inhibitor name."""
+    from moduli_transform.inhibitors import get_inhibitor
+    from moduli_transform.manifolds import get_manifold
+
+    if manifold is not None:
+        get_manifold(manifold)
+    if inhibitor is not None:
+        get_inhibitor(inhibitor)
+
+
+def _check_data(data: str | None) -> None:
+    if data is not None and not Path(data).exists():
+        raise ValueError(f"--data {data}: no such file or folder (a text file or a WikiText-2 folder)")
+
+
 def _train(args: argparse.Namespace) -> int:
+    # Every user mistake is found here, before any training starts.
+    main = os.environ.get("RANK", "0") == "0"  # torchrun: rank 0 alone checks and moves the folder
     try:
         config = config_from_args(args)
-    except RunConfigError as error:
+        validate_names(config.manifold, config.inhibitor)
+        _check_data(config.data)
+        notes = claim_run_folder(config.out, config.identity(), resume=config.resume,
+                                 overwrite=args.overwrite) if main else []
+    except ValueError as error:  # RunConfigError, RunFolderError, unknown names
         print(f"moduli-transform train: error: {error}", file=sys.stderr)
         return 2
     from moduli_transform.distributed import cleanup_distributed, is_main_process
 
-    summary = run(config, progress=not args.no_progress)
+    for note in notes:
+        print(note, file=sys.stderr)
+    if main:
+        print(f"run folder: {config.out}", file=sys.stderr)
+    try:
+        summary = run(config, progress=not args.no_progress)
+    except RunConfigError as error:  # a checkpoint made with other settings
+        print(f"moduli-transform train: error: {error}", file=sys.stderr)
+        return 2
     if is_main_process():  # under torchrun every rank returns the same summary
         print(json.dumps(summary, indent=1, sort_keys=True))
+        print(f"run written to {config.out}", file=sys.stderr)
     cleanup_distributed()
     return 0
 
@@ -104,5 +140,21 @@ def register_table(subparsers: argparse._SubParsersAction) -> None:
 def _table(args: argparse.Namespace) -> int:
     from .table import run_table
 
+    try:
+        if args.seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+        for sparsity in args.sparsities or []:
+            if not 0.0 <= sparsity < 1.0:
+                raise ValueError(f"--sparsities: {sparsity} is not in [0, 1)")
+        if args.steps is not None and args.steps < 3:
+            raise ValueError(f"--steps must be >= 3, got {args.steps}")
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+        _check_data(args.data)
+        if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+            raise RunFolderError(f"--out {args.out} is a file, not a folder")
+    except ValueError as error:
+        print(f"moduli-transform table: error: {error}", file=sys.stderr)
+        return 2
     args.out = args.out or f"runs/table-{args.task}"
     return int(run_table(args) or 0)

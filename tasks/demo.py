@@ -10,6 +10,7 @@ dense-vs-sparse timing of its recurrent layer.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from .ray_backend import split_finished
+from .run_folder import RunFolderError, claim_run_folder
 from .runner import EMBEDDINGS_FILE, WEIGHTS_FILE, RunConfig, run
 
 __all__ = ["register", "run_demo"]
@@ -27,14 +29,16 @@ CONTROLS = ("moduli", "none", "l1", "shuffled")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="navigation at 90% sparsity with the controls, table, figure, export")
-    parser.add_argument("--out", default="runs/demo", help="folder for the runs, table and figure")
+    parser = subparsers.add_parser("demo", help="navigation at 90%% sparsity with the controls, table, figure, export")
+    parser.add_argument("--out", default=None,
+                        help="folder for the runs, table and figure (default: runs/demo, runs/demo-quick with --quick)")
     parser.add_argument("--steps", type=int, default=1200,
                         help="training steps per run, and as many for the lottery ticket (default: 1200)")
     parser.add_argument("--quick", action="store_true", help="200 steps per run: a smoke test, not a result")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at once (one thread each)")
-    parser.add_argument("--fresh", action="store_true", help="retrain runs that already finished")
+    parser.add_argument("--fresh", action="store_true",
+                        help="retrain runs that already finished (the old ones are moved aside, not deleted)")
     parser.set_defaults(func=run_demo)
 
 
@@ -58,6 +62,9 @@ def _train_all(plans: list[RunConfig], jobs: int, fresh: bool) -> list[dict[str,
             summaries[config.out] = finished[index]
         else:
             todo.append(config)
+    for config in todo:  # a run left with other settings is never replaced silently
+        for note in claim_run_folder(config.out, config.identity(), resume=False, overwrite=fresh):
+            print(note)
     if todo:
         print(f"training {len(todo)} runs ({jobs} at a time): {', '.join(c.regularizer for c in todo)}")
         with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
@@ -145,10 +152,23 @@ def _export_and_bench(run_dir: Path, out: Path) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    if args.out is None:  # a smoke run never replaces the real demo's results
+        args.out = "runs/demo-quick" if args.quick else "runs/demo"
     out = Path(args.out)
+    try:
+        if out.exists() and not out.is_dir():
+            raise RunFolderError(f"--out {out} is a file, not a folder")
+        if not 0.0 <= args.sparsity < 1.0 or args.steps < 3 or args.jobs < 1:
+            raise RunFolderError(f"need 0 <= --sparsity < 1, --steps >= 3, --jobs >= 1; got {args.sparsity}, "
+                                 f"{args.steps}, {args.jobs}")
+        plans = _plan(args)
+        started = time.perf_counter()
+        summaries = _train_all(plans, args.jobs, args.fresh)
+    except RunFolderError as error:
+        print(f"moduli-transform demo: error: {error}".replace("--resume to continue it", "nothing (a finished "
+              "run with the same settings is reused)").replace("--overwrite", "--fresh"), file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    summaries = _train_all(_plan(args), args.jobs, args.fresh)
     table = _table(summaries)
     (out / "table.md").write_text(table + "\n")
     print("\n" + table)

@@ -180,3 +180,49 @@ def test_cli_export_writes_both_files(tmp_path, capsys):
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
     bad = parser.parse_args(["export", f"{__name__}:factory", "--onnx", str(tmp_path / "x.onnx")])
     assert bad.func(bad) == 2 and "--input-shape" in capsys.readouterr().err
+
+
+class _DataDependentBranch(torch.nn.Module):
+    """issue 12's example: the tracer keeps whichever branch the example input takes."""
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return x * 2
+        else:
+            return x - 100
+
+
+def test_data_dependent_branch_is_refused_naming_the_line(tmp_path):
+    from moduli_transform.export import OnnxExportError, to_onnx
+
+    with pytest.raises(OnnxExportError, match=r"test_export_onnx\.py:\d+: the forward branches on tensor values"):
+        to_onnx(_DataDependentBranch(), (torch.ones(1, 3, 2),), tmp_path / "branch.onnx")
+    assert not (tmp_path / "branch.onnx").exists()
+
+
+class _ConstantFromExample(torch.nn.Module):
+    """Wrong for other inputs without any tracer warning: the mean of the example is frozen."""
+
+    def forward(self, x):
+        return x - float(x.mean().item())
+
+
+def test_model_wrong_on_other_inputs_is_refused(tmp_path):
+    from moduli_transform.export import OnnxExportError, to_onnx
+
+    with pytest.raises(OnnxExportError):
+        to_onnx(_ConstantFromExample(), (torch.ones(1, 3, 2),), tmp_path / "constant.onnx")
+    assert not (tmp_path / "constant.onnx").exists()
+
+
+def test_onnx_file_keeps_the_umask(tmp_path):
+    import os
+
+    from moduli_transform.export import to_onnx
+
+    previous = os.umask(0o022)
+    try:
+        to_onnx(torch.nn.RNN(2, 4, batch_first=True), (torch.randn(1, 5, 2),), tmp_path / "rnn.onnx")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "rnn.onnx").stat().st_mode & 0o777 == 0o644

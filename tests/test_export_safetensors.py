@@ -405,3 +405,16 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch
         save_safetensors(handle, path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["model.safetensors"]
+
+
+def test_safetensors_file_keeps_the_umask(tmp_path):
+    import os as _os
+
+    from moduli_transform.export import save_safetensors as _save
+
+    previous = _os.umask(0o022)
+    try:
+        _save(torch.nn.Linear(3, 2), tmp_path / "linear.safetensors")
+    finally:
+        _os.umask(previous)
+    assert (tmp_path / "linear.safetensors").stat().st_mode & 0o777 == 0o644

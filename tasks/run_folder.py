@@ -1,0 +1,109 @@
+"""Run-folder safety: a command never replaces a run it did not make in this invocation.
+
+Before a command trains into ``--out`` it calls :func:`claim_run_folder`:
+
+- a missing or empty folder is used (with ``resume`` the user is told it starts fresh);
+- a folder that holds a run (finished or partial) is refused unless ``resume`` continues
+  it (and its recorded settings are the same) or ``overwrite`` moves it aside to
+  ``<out>.old-<timestamp>``; nothing is ever deleted;
+- ``--out`` naming a file is refused.
+
+The refusal is one line naming ``--resume``, ``--overwrite`` and a free folder name.
+
+Example:
+    >>> import tempfile
+    >>> root = Path(tempfile.mkdtemp())
+    >>> claim_run_folder(root / "r1", {"seed": 0}, resume=False, overwrite=False)
+    []
+    >>> _ = (root / "r1").mkdir(), (root / "r1" / "summary.json").write_text("{}")
+    >>> claim_run_folder(root / "r1", {"seed": 1}, resume=False, overwrite=False)
+    Traceback (most recent call last):
+    ...
+    moduli_transform.tasks.run_folder.RunFolderError: ... already holds a run; pass --resume ...
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RunFolderError", "claim_run_folder", "free_name", "holds_run", "recorded_identity"]
+
+# What a run writes; any of them present means the folder holds (part of) a run.
+RUN_FILES = ("config.json", "summary.json", "metrics.jsonl", "checkpoints", "weights.safetensors")
+
+
+class RunFolderError(ValueError):
+    """The run folder cannot be used as asked (it holds another run, or it is a file)."""
+
+
+def holds_run(out: Path) -> bool:
+    """Whether ``out`` holds a finished or partial run."""
+    return out.is_dir() and any((out / name).exists() for name in RUN_FILES)
+
+
+def free_name(out: Path) -> Path:
+    """The first of ``<out>-2``, ``<out>-3``, ... that does not exist."""
+    index = 2
+    while (candidate := out.with_name(f"{out.name}-{index}")).exists():
+        index += 1
+    return candidate
+
+
+def recorded_identity(out: Path) -> dict[str, Any] | None:
+    """The run settings recorded in ``out/config.json`` (without ``resume``), if readable."""
+    try:
+        recorded = json.loads((out / "config.json").read_text())["run"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {k: v for k, v in recorded.items() if k != "resume"} if isinstance(recorded, dict) else None
+
+
+def _move_aside(out: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = out.with_name(f"{out.name}.old-{stamp}")
+    index = 2
+    while target.exists():  # two overwrites within a second
+        target = out.with_name(f"{out.name}.old-{stamp}-{index}")
+        index += 1
+    out.rename(target)
+    return target
+
+
+def claim_run_folder(out: str | Path, identity: dict[str, Any], *, resume: bool, overwrite: bool) -> list[str]:
+    """Check (and with ``overwrite`` clear) ``out`` before a run is trained into it.
+
+    Args:
+        out: the run folder.
+        identity: the settings of the run about to start (``RunConfig.identity()``).
+        resume: the user asked to continue the run in ``out``.
+        overwrite: the user asked to replace it; the old folder is renamed, not deleted.
+
+    Returns:
+        Lines to tell the user (the folder moved aside, or a fresh start on ``--resume``).
+
+    Raises:
+        RunFolderError: ``out`` is a file, holds a run without ``resume``/``overwrite``,
+            or holds a run with other settings on ``resume``.
+    """
+    out = Path(out)
+    if resume and overwrite:
+        raise RunFolderError("--resume and --overwrite contradict each other; pass one of them")
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out {out} is a file, not a run folder; choose a folder such as "
+                             f"--out {free_name(out)}")
+    if not holds_run(out):
+        return [f"nothing to resume in {out}: starting a fresh run"] if resume else []
+    if overwrite:
+        return [f"moved the previous run in {out} aside to {_move_aside(out)}"]
+    if resume:
+        recorded = recorded_identity(out)
+        if recorded is not None and recorded != identity:
+            changed = sorted(k for k in set(recorded) | set(identity) if recorded.get(k) != identity.get(k))
+            raise RunFolderError(f"cannot --resume {out}: it was made with other settings ({', '.join(changed)}); "
+                                 f"pass the same options, --overwrite to move it aside, or --out {free_name(out)}")
+        return []
+    raise RunFolderError(f"{out} already holds a run; pass --resume to continue it, --overwrite to move it "
+                         f"aside to {out}.old-<timestamp>, or --out {free_name(out)}")
