@@ -111,6 +111,28 @@ def _synthetic(config: BenchConfig) -> tuple[nn.RNNBase, Tensor]:
     return module, embedding
 
 
+def _elman_on_cat(state: dict[str, Tensor]) -> nn.RNN | None:
+    """An ``nn.RNN`` (ReLU) equal to the widest Linear on ``cat([x, h])`` in ``state``, or None.
+
+    Such a cell (the adding task's ``ElmanCat``) stores ``weight (H, I + H)`` with the hidden
+    columns last, as ``cat([x, h])`` orders them, and a bias ``(H,)``.
+    """
+    candidates = [(v.shape[0], k[: -len("weight")]) for k, v in state.items()
+                  if k.endswith("weight") and v.dim() == 2 and 2 <= v.shape[0] < v.shape[1]
+                  and tuple(state.get(k[: -len("weight")] + "bias", torch.empty(0)).shape) == (v.shape[0],)]
+    if not candidates:
+        return None
+    hidden, prefix = max(candidates)
+    weight, bias = state[prefix + "weight"], state[prefix + "bias"]
+    module = nn.RNN(weight.shape[1] - hidden, hidden, nonlinearity="relu")
+    with torch.no_grad():
+        module.weight_ih_l0.copy_(weight[:, : weight.shape[1] - hidden])
+        module.weight_hh_l0.copy_(weight[:, weight.shape[1] - hidden:])
+        module.bias_ih_l0.copy_(bias)
+        module.bias_hh_l0.zero_()
+    return module
+
+
 def _load_file(path: str) -> tuple[nn.RNNBase, Tensor | None]:
     """An RNN module from a safetensors file (moduli_transform.export.load_safetensors, else plain tensors)."""
     try:
@@ -129,7 +151,11 @@ def _load_file(path: str) -> tuple[nn.RNNBase, Tensor | None]:
              if isinstance(v, Tensor)}
     key = next((k for k in state if k.endswith("weight_hh_l0")), None)
     if key is None:
-        raise BenchError(f"{path}: no '*weight_hh_l0' tensor; keys: {sorted(state)[:8]}")
+        elman = _elman_on_cat(state)
+        if elman is None:
+            raise BenchError(f"{path}: no '*weight_hh_l0' tensor and no Linear on cat([x, h]) "
+                             f"(weight (H, I+H) with bias (H,)); keys: {sorted(state)[:8]}")
+        return elman, None
     prefix = key[: -len("weight_hh_l0")]
     weight_hh = state[key]
     hidden, gates = weight_hh.shape[1], weight_hh.shape[0] // weight_hh.shape[1]

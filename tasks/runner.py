@@ -190,10 +190,22 @@ class Phases:
 
     @classmethod
     def for_preset(cls, preset: Preset, steps: int | None, lottery: bool, epoch: int = 0) -> "Phases":
-        """The phases of ``preset`` (``steps`` overrides the phases schedule's length; ``epoch``
-        is the epoch length when the preset's ``steps_per_epoch`` is 0)."""
+        """The phases of ``preset``; ``epoch`` is the epoch length when the preset's
+        ``steps_per_epoch`` is 0.
+
+        ``steps`` overrides the training length (dense, prune and fine-tune phases): in the
+        phases schedule directly, in the epochs schedule by shortening every epoch to
+        ``steps // (epochs + stabilizer_epochs)`` steps, so the ramp keeps its shape.
+
+        Example:
+            >>> from moduli_transform.tasks.adding import PRESETS
+            >>> Phases.for_preset(PRESETS["paper"], 1100, lottery=False)
+            Phases(dense=10, prune=990, finetune=100, lottery=0)
+        """
         if preset.schedule == "epochs":
             epoch = preset.steps_per_epoch or epoch
+            if steps:
+                epoch = max(1, steps // (preset.epochs + preset.stabilizer_epochs))
             if epoch < 1:
                 raise ValueError(f"epochs schedule with an epoch of {epoch} steps")
             return cls(epoch, (preset.epochs - 1) * epoch, preset.stabilizer_epochs * epoch,
