@@ -109,9 +109,13 @@ def run_inspect(args: argparse.Namespace) -> int:
         return 2
     inputs = example_inputs(args.input_shape or [(2, 3, 8)], args.dtype, args.high)
     shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
+    method = args.method or "forward"
+    # A model without that method is left to discovery, whose error lists the methods it has.
+    runnable = hasattr(model, method) and not (method == "forward" and type(model).forward is nn.Module.forward)
     try:  # run it eagerly first: a shape mismatch is then reported as one, not as a capture failure
-        with torch.no_grad():
-            getattr(model, args.method or "forward")(*inputs)
+        if runnable:
+            with torch.no_grad():
+                getattr(model, method)(*inputs)
     except Exception as error:  # whatever the model raises on these inputs
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"moduli-transform inspect: {args.factory} fails on inputs of shape {shapes} "
