@@ -88,6 +88,25 @@ def test_report_on_partial_results_marks_missing_cells_and_counts_learned_seeds(
     assert cell([31.0, 12.0], 30.0, False).endswith(" 1/2")
 
 
+def test_report_puts_the_authors_saved_navigation_tables_beside_ours_and_counts_each_seed_once(tmp_path):
+    runs = tmp_path / "runs"
+    with_ticket = plan("navigation", "test", seeds=1, runs=runs, lottery=True)[0]
+    without = plan("navigation", "test", seeds=1, runs=runs)[0]
+    first, second = run(with_ticket, progress=False), run(without, progress=False)
+    assert first["sparse_tail_metric"] == second["sparse_tail_metric"]  # the lottery runs after the sparse phase
+    text = render(runs, ["navigation"])
+    authors = text.split("### The authors' numbers")[1].split("### Ours")[0]
+    assert "| 90% | 5.69 | 86.7 | 10.9 | 71.8 |" in authors  # the paper's Table 1 row
+    assert "| 90% | 6.29 (1.17) | 72.96 (20.30) | 9.66 (0.30) | 78.64 (12.64) |" in authors  # their notebook
+    assert "| 90% | 6.29 (1.17) | 25.95 (33.92) | 69.12 (12.06) | 5.89 (0.58) | 14.52 (5.84) |" in authors
+    sparse = text.split("### Ours, `test` preset, sparse")[1].split("###")[0]
+    row = [line for line in sparse.splitlines() if line.startswith("| 90% |")][0]
+    assert row.split(" | ")[1].startswith(cell([first["sparse_tail_metric"]], 30.0, False))  # one seed, not two
+    assert row.split(" | ")[1].endswith("/1")
+    lottery = text.split("### Ours, `test` preset, lottery")[1].split("###")[0]
+    assert [line for line in lottery.splitlines() if line.startswith("| 90% |")][0].split(" | ")[1].endswith("/1")
+
+
 def test_reproduce_command_errors_are_one_line_with_status_2(tmp_path, capsys):
     from moduli_transform.cli import main
 
