@@ -1,4 +1,4 @@
-"""`moduli-transform reproduce`: run (or reuse) the paper's grids and write docs/REPRODUCTION.md.
+"""`moduli-transform reproduce`: run (or reuse) the paper's grids and write their report (REPRODUCTION.md).
 
 Every cell of a task's grid (regularizer x sparsity, plus the dense baseline at sparsity 0)
 is one run per seed, in ``<runs>/<task>-<preset>/<variant>-s<sparsity>-seed<seed>``.
@@ -204,7 +204,7 @@ def execute(configs: Sequence[RunConfig], jobs: int = 1, on_result: Any = None) 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``reproduce [--tasks ...] [--preset P] [--jobs N] [--runs DIR] [--report PATH]``."""
     parser = subparsers.add_parser(
-        "reproduce", help="run the paper's grids (reusing finished runs) and write docs/REPRODUCTION.md",
+        "reproduce", help="run the paper's grids (reusing finished runs) and write their REPRODUCTION.md report",
         description="Run, resume or reuse every run of the paper's grids in --runs, then write the "
                     "reproduction report: the paper's numbers beside ours. Safe to run again at any time.")
     parser.add_argument("--tasks", nargs="+", default=["adding"], help=f"tasks to run (of {', '.join(GRID)})")
@@ -214,7 +214,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lottery", action="store_true", help="also retrain each run's lottery ticket")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (one thread each)")
     parser.add_argument("--runs", default="runs/reproduce", help="run folder (default: runs/reproduce)")
-    parser.add_argument("--report", default="docs/REPRODUCTION.md", help="report path (default: docs/REPRODUCTION.md)")
+    parser.add_argument("--report", default=None,
+                        help="report path (default: REPRODUCTION.md inside --runs); an existing file is replaced "
+                             "only if it is an earlier report")
     parser.add_argument("--data", default=None, help="corpus for the language model")
     parser.add_argument("--report-only", action="store_true", help="write the report from the runs there; run nothing")
     parser.set_defaults(func=_reproduce)
@@ -226,7 +228,7 @@ def _fail(message: str) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from .reproduction import write_report
+    from .reproduction import is_report, write_report
 
     unknown = [t for t in args.tasks if t not in GRID]
     if unknown:
@@ -243,8 +245,13 @@ def _reproduce(args: argparse.Namespace) -> int:
     except ValueError as error:
         return _fail(str(error))
 
+    report_path = Path(args.report) if args.report is not None else Path(args.runs) / "REPRODUCTION.md"
+    if not is_report(report_path):
+        return _fail(f"{report_path} exists and is not a report written by `moduli-transform reproduce`; "
+                     "it is left alone: pass another --report path")
+
     def report(*_: Any) -> None:
-        write_report(args.runs, args.report)
+        write_report(args.runs, report_path)
 
     if not args.report_only:
         results = execute(configs, args.jobs, on_result=report)
@@ -252,5 +259,5 @@ def _reproduce(args: argparse.Namespace) -> int:
         for out in failed:
             print(f"failed: {out}: {results[out]}", file=sys.stderr)
     report()
-    print(f"written: {args.report}")
+    print(f"written: {report_path}")
     return 0

@@ -126,3 +126,20 @@ def test_report_only_writes_the_report_atomically(tmp_path):
     text = report.read_text()
     assert text.startswith("# Reproduction of arXiv 2406.06290")
     assert "all zeros" in text and list(report.parent.iterdir()) == [report]
+
+
+def test_report_never_replaces_a_file_it_did_not_write(tmp_path, capsys):
+    from moduli_transform.cli import main
+
+    runs = tmp_path / "runs"
+    assert main(["reproduce", "--report-only", "--runs", str(runs)]) == 0
+    default = runs / "REPRODUCTION.md"  # the default report lives beside the runs it reports
+    assert default.read_text().startswith("# Reproduction of arXiv 2406.06290")
+    assert main(["reproduce", "--report-only", "--runs", str(runs)]) == 0  # an earlier report is replaced
+    notes = tmp_path / "NOTES.md"
+    notes.write_text("# my notes\n")
+    capsys.readouterr()
+    assert main(["reproduce", "--report-only", "--runs", str(runs), "--report", str(notes)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and str(notes) in error and "--report" in error
+    assert notes.read_text() == "# my notes\n"
