@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 __all__ = [
-    "init_distributed_from_env", "is_main_process", "get_rank", "get_world_size", "barrier",
+    "backend_for", "init_distributed_from_env", "is_main_process", "get_rank", "get_world_size", "barrier",
     "cleanup_distributed", "unwrap_model", "shard_batch",
     "sync_handle", "all_reduce_embedding_grads", "check_in_sync",
 ]
@@ -56,6 +56,16 @@ def _initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def backend_for(device: str | torch.device) -> str:
+    """The process-group backend for tensors on ``device``: nccl for cuda, gloo otherwise.
+
+    Example:
+        >>> backend_for("cpu"), backend_for(torch.device("cuda", 1))
+        ('gloo', 'nccl')
+    """
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
 def init_distributed_from_env(backend: str | None = None, timeout_s: float = 600.0) -> tuple[int, int]:
     """Join the process group that ``torchrun`` describes in the environment.
 
@@ -63,7 +73,8 @@ def init_distributed_from_env(backend: str | None = None, timeout_s: float = 600
     this does nothing and returns ``(0, 1)``. If a group already exists it is reused.
 
     Args:
-        backend: ``"gloo"`` or ``"nccl"``; default nccl when CUDA is available, else gloo.
+        backend: ``"gloo"`` or ``"nccl"``; default nccl when CUDA is available, else gloo
+            (pass ``backend_for(device)`` to follow the training device instead).
             With nccl the current CUDA device is set to ``LOCAL_RANK``.
         timeout_s: collective timeout.
 

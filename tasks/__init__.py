@@ -114,6 +114,10 @@ class Task(abc.ABC):
     Randomness: model initialisation uses the global torch RNG (seeded by the runner);
     training batches draw from the ``generator`` passed in; evaluation data is fixed by
     the task (its own seed), so evaluating never moves any training RNG.
+
+    Device: data is drawn on the CPU (the same numbers on every device); :meth:`to` puts
+    the task's fixed tensors (held-out data) on the training device, and the runner moves
+    each training batch there once.
     """
 
     name: str
@@ -126,6 +130,12 @@ class Task(abc.ABC):
     def __init__(self, preset: Preset, data: str | None = None) -> None:
         self.preset = preset
         self.data = data
+        self.device = torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> "Task":
+        """Put the task's fixed tensors on ``device`` (subclasses holding tensors extend it); returns self."""
+        self.device = torch.device(device)
+        return self
 
     @classmethod
     def get_preset(cls, name: str) -> Preset:

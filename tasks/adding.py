@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from moduli_transform.device import to_device
+
 from . import Preset, Task, register_task
 
 __all__ = ["AddingPreset", "AddingTask", "AddingRNN", "ElmanCat", "adding_batch", "rmse", "MARKERS", "MODELS"]
@@ -166,6 +168,12 @@ class AddingTask(Task):
         self._held_out = {split: adding_batch(preset.eval_size, preset.length, torch.Generator().manual_seed(seed),
                                               preset.markers)
                           for split, seed in (("valid", 1_000_001), ("test", 2_000_002))}
+
+    def to(self, device: str | torch.device) -> "AddingTask":
+        """The held-out sets on ``device``."""
+        super().to(device)
+        self._held_out = to_device(self._held_out, self.device)
+        return self
 
     def build_model(self) -> nn.Module:
         if self.preset.model == "elman_cat":

@@ -212,8 +212,12 @@ def _remove_old(directory: Path, newest: int, keep: int) -> None:
 
 
 # -- load -------------------------------------------------------------------------------
-def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = None) -> Checkpoint:
     """Read and verify one checkpoint, given its ``.json`` (or ``.safetensors``) path.
+
+    ``map_location`` puts every tensor on that device (None: the CPU, where they were
+    saved), so a run checkpointed on a GPU resumes on the CPU and vice versa. RNG states
+    go back to the CPU in :func:`restore_rng_state` wherever they were loaded.
 
     Raises:
         CheckpointError: a file is missing, truncated or corrupt, the checksum or the tensor
@@ -243,6 +247,8 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"tensor file {data_path} is not valid safetensors: {error}") from error
     if _manifest(tensors) != record["manifest"]:
         raise CheckpointError(f"tensor file {data_path} does not match the manifest in {marker.name}")
+    if map_location is not None:
+        tensors = {name: tensor.to(map_location) for name, tensor in tensors.items()}
     return Checkpoint(step=record["step"], tensors=tensors, state=record["state"], path=marker)
 
 
@@ -263,15 +269,16 @@ def _check_record(record: Any, marker: Path) -> None:
         raise CheckpointError(f"{marker} names tensor file {record['tensors_file']!r} outside its directory")
 
 
-def load_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.device | None = None
+                    ) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
     """The newest valid checkpoint in ``directory`` as ``(tensors, state)``, or None if none.
 
     A newest checkpoint that fails verification is skipped with a ``RuntimeWarning`` naming
-    the reason, and the previous one is tried.
+    the reason, and the previous one is tried. ``map_location``: see :func:`read_checkpoint`.
     """
     for step, marker in reversed(list_checkpoints(directory)):
         try:
-            checkpoint = read_checkpoint(marker)
+            checkpoint = read_checkpoint(marker, map_location)
         except CheckpointError as error:
             warnings.warn(f"skipping checkpoint step {step}: {error}; falling back to an older one",
                           RuntimeWarning, stacklevel=2)
@@ -375,20 +382,25 @@ def restore_rng_state(tensors: dict[str, Tensor], state: dict[str, Any],
                       generators: dict[str, torch.Generator] | None = None, prefix: str = "rng") -> None:
     """Restore what :func:`capture_rng_state` captured (generators are set in place).
 
+    The states may have been loaded onto any device; they are set from CPU copies. CUDA
+    states are restored only where CUDA is available (a GPU run resumed on the CPU keeps
+    its CPU, Python, NumPy and named-generator states).
+
     Raises:
         CheckpointError: a named generator was not saved, or an RNG state is missing.
     """
     try:
-        torch.set_rng_state(tensors[f"{prefix}/torch"])
+        torch.set_rng_state(tensors[f"{prefix}/torch"].cpu())
         if state["cuda_devices"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([tensors[f"{prefix}/cuda/{i}"] for i in range(state["cuda_devices"])])
+            cuda_states = [tensors[f"{prefix}/cuda/{i}"].cpu() for i in range(state["cuda_devices"])]
+            torch.cuda.set_rng_state_all(cuda_states[:torch.cuda.device_count()])
         internal = tuple(int(v) for v in tensors[f"{prefix}/python"].tolist())
         random.setstate((state["python"]["version"], internal, state["python"]["gauss"]))
         if "numpy" in state:
             import numpy
 
             saved = state["numpy"]
-            numpy.random.set_state((saved["kind"], tensors[f"{prefix}/numpy"].numpy().astype("uint32"),
+            numpy.random.set_state((saved["kind"], tensors[f"{prefix}/numpy"].cpu().numpy().astype("uint32"),
                                     saved["position"], saved["has_gauss"], saved["cached_gaussian"]))
     except KeyError as error:
         raise CheckpointError(f"checkpoint lacks RNG state {error}; was it saved with capture_rng_state?") from error
@@ -396,7 +408,7 @@ def restore_rng_state(tensors: dict[str, Tensor], state: dict[str, Any],
         key = f"{prefix}/generator/{name}"
         if key not in tensors:
             raise CheckpointError(f"checkpoint has no state for generator {name!r}; saved: {state['generators']}")
-        generator.set_state(tensors[key])
+        generator.set_state(tensors[key].cpu())
 
 
 # -- one call for a training loop -------------------------------------------------------------

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moduli_transform.device import to_device
+
 from . import Preset, Task, register_task
 from .corpus import FABLES_PATH
 
@@ -255,6 +257,14 @@ class LanguageModelTask(Task):
             self.eval_data[split] = batchify(ids, preset.eval_batch_size)
         self.reset()
 
+    def to(self, device: str | torch.device) -> "LanguageModelTask":
+        """The token ids of every split (and a carried hidden state) on ``device``."""
+        super().to(device)
+        self.train_data = self.train_data.to(self.device)
+        self.eval_data = to_device(self.eval_data, self.device)
+        self.hidden = to_device(self.hidden, self.device)
+        return self
+
     def reset(self) -> None:
         self.hidden: Tensor | None = None
         self.best_valid = math.inf
@@ -308,7 +318,7 @@ class LanguageModelTask(Task):
         return {"hidden": self.hidden, "best_valid": self.best_valid}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.hidden = state["hidden"]
+        self.hidden = to_device(state["hidden"], self.device)  # a checkpoint from another device
         self.best_valid = float(state["best_valid"])
 
     def describe(self) -> dict[str, Any]:

@@ -32,6 +32,8 @@ import numpy
 import torch
 from torch import Tensor, nn
 
+from moduli_transform.device import to_device
+
 from . import Preset, Task, register_task
 
 __all__ = ["ARENA", "CHANCE_LEVEL_CM", "Trajectories", "random_walk", "PlaceCells", "PathIntegrationRNN",
@@ -129,6 +131,11 @@ class PlaceCells:
         code = centre - surround
         code = code - code.amin(dim=-1, keepdim=True)
         return (code / code.sum(dim=-1, keepdim=True)).reshape(*positions.shape[:-1], -1)
+
+    def to(self, device: str | torch.device) -> "PlaceCells":
+        """The centres on ``device``; codes are then computed there. Returns self."""
+        self.centres = self.centres.to(device)
+        return self
 
     def decode(self, code: Tensor, k: int = 3) -> Tensor:
         """Position estimate: the mean centre of the ``k`` most active cells."""
@@ -269,10 +276,18 @@ class NavigationTask(Task):
         self._held_out = {split: self._batch(preset.eval_size, torch.Generator().manual_seed(seed))
                           for split, seed in (("valid", 1_000_001), ("test", 2_000_002))}
 
+    def to(self, device: str | torch.device) -> "NavigationTask":
+        """Place cells and held-out walks on ``device``; training walks are drawn on the CPU
+        and moved there before their place-cell codes are computed."""
+        super().to(device)
+        self.cells.to(self.device)
+        self._held_out = to_device(self._held_out, self.device)
+        return self
+
     def _batch(self, size: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         walk = random_walk(size, self.preset.sequence_length, generator)
-        return (walk.velocities, self.cells.activation(walk.start), self.cells.activation(walk.positions),
-                walk.positions)
+        start, velocities, positions = to_device((walk.start, walk.velocities, walk.positions), self.device)
+        return velocities, self.cells.activation(start), self.cells.activation(positions), positions
 
     def build_model(self) -> nn.Module:
         return PathIntegrationRNN(self.preset.place_cells, self.preset.grid_cells)

@@ -58,8 +58,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from moduli_transform.config import GRANULARITIES
-from moduli_transform.distributed import (barrier, init_distributed_from_env, is_main_process, shard_batch,
-                                          sync_handle)
+from moduli_transform.device import resolve_device, to_device
+from moduli_transform.distributed import (backend_for, barrier, init_distributed_from_env, is_main_process,
+                                          shard_batch, sync_handle)
 
 from . import LOTTERY_EMBEDDINGS, TASKS, Preset, Task, get_task
 from .checkpoint import (capture_training_state, flatten_state, load_checkpoint, restore_training_state,
@@ -321,8 +322,8 @@ def _save_embeddings(path: Path, handle: Any) -> None:
     """Each target's neuron coordinates: ``<param>/rows`` and ``<param>/cols``."""
     tensors = {}
     for name, regularizer in handle.regularizers.items():
-        tensors[f"{name}/rows"] = regularizer.row_embedding.detach().contiguous().clone()
-        tensors[f"{name}/cols"] = regularizer.col_embedding.detach().contiguous().clone()
+        tensors[f"{name}/rows"] = regularizer.row_embedding.detach().cpu().contiguous().clone()
+        tensors[f"{name}/cols"] = regularizer.col_embedding.detach().cpu().contiguous().clone()
     temporary = path.with_suffix(".tmp")
     save_file(tensors, str(temporary), metadata={"manifold": json.dumps(handle.config.to_dict()["manifold"])})
     os.replace(temporary, path)
@@ -344,23 +345,26 @@ class _Progress:
 class _Run:
     """The state of one run while it trains (kept off the public API)."""
 
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(self, config: RunConfig, device: torch.device) -> None:
         import moduli_transform as mt
 
         self.config = config
+        self.device = device
         self.out = Path(config.out)
         task_class = get_task(config.task)
         self.preset = task_class.get_preset(config.preset).with_overrides(
             strength=config.strength, checkpoint_every=config.checkpoint_every)
-        self.task: Task = task_class(self.preset, data=config.data)
+        self.task: Task = task_class(self.preset, data=config.data).to(device)
         epoch = self.task.epoch_steps() if self.preset.schedule == "epochs" and not self.preset.steps_per_epoch else 0
         self.phases = Phases.for_preset(self.preset, config.steps, config.lottery, epoch)
         self.lottery_embedding = config.lottery_embedding or self.preset.lottery_embedding
         seed_everything(config.seed)
-        self.model = self.task.build_model()
+        # Initialised on the CPU (the same weights on every device), then moved, then attached:
+        # the handle's embeddings, coefficients and masks follow the parameters' device.
+        self.model = self.task.build_model().to(device)
         control, l1_coefficient = REGULARIZERS[config.regularizer]
         self.handle = mt.attach(
-            self.model, example_inputs=self.task.example_inputs(), manifold=config.manifold,
+            self.model, example_inputs=to_device(self.task.example_inputs(), device), manifold=config.manifold,
             inhibitor=config.inhibitor, strength=self.preset.strength, embedding=config.embedding, control=control,
             l1_coefficient=l1_coefficient, sparsity=config.sparsity, schedule=self._schedule(),
             total_steps=self.phases.prune, seed=config.seed, granularity=config.granularity, scope=self.preset.scope,
@@ -374,11 +378,12 @@ class _Run:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.progress = _Progress()
         # Under torchrun: train through DDP, keep the bare model for evaluation and files.
-        # The backend follows the model's device: gloo for CPU tensors even on a GPU machine.
+        # The backend follows the device (nccl for cuda, gloo for the CPU even on a GPU
+        # machine); on cuda each rank holds its own GPU, cuda:LOCAL_RANK (resolve_device).
         self.train_model: torch.nn.Module = self.model
-        backend = "nccl" if next(self.model.parameters()).is_cuda else "gloo"
-        if init_distributed_from_env(backend)[1] > 1:
-            self.train_model = DistributedDataParallel(self.model)
+        if init_distributed_from_env(backend_for(device))[1] > 1:
+            device_ids = [device.index] if device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=device_ids)
             sync_handle(self.handle)
 
     def _schedule(self) -> LinearRamp | EpochRamp:
@@ -405,7 +410,8 @@ class _Run:
 
     def restore(self) -> bool:
         """Load the newest checkpoint; False when there is none."""
-        loaded = load_checkpoint(self.checkpoints)
+        # Onto this run's device, whichever device wrote the checkpoint.
+        loaded = load_checkpoint(self.checkpoints, map_location=self.device)
         if loaded is None:
             return False
         tensors, state = loaded
@@ -435,7 +441,8 @@ class _Run:
     def train_step(self, phase: str, phase_step: int) -> tuple[float, float]:
         started = time.perf_counter()
         # Every rank draws the same global batch and trains on its equal slice.
-        batch = shard_batch(self.task.train_batch(phase_step, self.generator), dim=getattr(self.task, "batch_dim", 0))
+        batch = to_device(self.task.train_batch(phase_step, self.generator), self.device)
+        batch = shard_batch(batch, dim=getattr(self.task, "batch_dim", 0))
         data_done = time.perf_counter()
         self.model.train()
         loss, metric = self.task.loss(self.train_model, batch)
@@ -534,6 +541,7 @@ class _Run:
             "wall_time_s": progress.wall_time_s,
             "data_time_fraction": progress.data_time_s / progress.step_time_s if progress.step_time_s else 0.0,
             "steps": progress.step,
+            "device": str(self.device),
             "phases": {"dense": self.phases.dense, "prune": self.phases.prune, "finetune": self.phases.finetune,
                        "lottery": self.phases.lottery},
         }
@@ -544,7 +552,8 @@ class _Run:
                 "task": self.task.describe(), "torch": torch.__version__}
 
 
-def run(config: RunConfig, *, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+def run(config: RunConfig, *, progress: bool = True, stop_after: int | None = None,
+        device: str | torch.device = "cpu") -> dict[str, Any]:
     """Train, prune and (optionally) retrain the lottery ticket; write the run directory.
 
     Args:
@@ -554,6 +563,10 @@ def run(config: RunConfig, *, progress: bool = True, stop_after: int | None = No
         progress: show a tqdm progress bar with the latest validation metric.
         stop_after: stop (raise :class:`RunInterrupted`) once this many steps are done,
             as a crash would; checkpoints already written stay. For tests.
+        device: where to train (:func:`moduli_transform.device.resolve_device`: ``"auto"``,
+            ``"cpu"``, ``"cuda"``, ``"cuda:N"``). Not part of the run's identity (not in
+            ``config``): a run started on one device resumes on another, and a finished run
+            is reused whatever device asks for it. The summary records it (``"device"``).
 
     Returns:
         The summary (also written to ``<out>/summary.json``; keys :data:`SUMMARY_KEYS`
@@ -561,18 +574,20 @@ def run(config: RunConfig, *, progress: bool = True, stop_after: int | None = No
 
     Raises:
         RunConfigError: resuming with options different from the checkpoint's.
+        DeviceError: an unknown device, or CUDA asked for where there is none.
     """
+    resolved = resolve_device(device)
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        return _run(config, progress, stop_after)
+        return _run(config, progress, stop_after, resolved)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(config: RunConfig, progress: bool, stop_after: int | None) -> dict[str, Any]:
-    state = _Run(config)
+def _run(config: RunConfig, progress: bool, stop_after: int | None, device: torch.device) -> dict[str, Any]:
+    state = _Run(config, device)
     main = is_main_process()  # rank 0 alone writes the run directory
     if main:
         state.out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,104 @@
+"""Where training and benchmarks run: one parser for ``--device`` and helpers around it.
+
+``resolve_device`` turns a user's device name into a ``torch.device`` or raises a
+:class:`DeviceError` that names the value and the accepted ones:
+
+* ``"auto"``: ``cuda`` when CUDA is available, else ``cpu``;
+* ``"cpu"``;
+* ``"cuda"``: this process's GPU, ``cuda:$LOCAL_RANK`` under ``torchrun`` (each rank its
+  own GPU), else the current CUDA device;
+* ``"cuda:N"``: GPU ``N``.
+
+Example:
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    >>> resolve_device("tpu")
+    Traceback (most recent call last):
+    ...
+    moduli_transform.device.DeviceError: unknown device 'tpu'; expected one of auto, cpu, cuda, cuda:N (N a GPU index)
+    >>> to_device((torch.zeros(2), [torch.ones(1), True]), "cpu")[1][1]
+    True
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+from multiprocessing.context import BaseContext
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["DEVICE_CHOICES", "DeviceError", "resolve_device", "to_device", "synchronize", "process_context"]
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
+_PATTERN = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
+
+
+class DeviceError(ValueError):
+    """A device name that is unknown, or names a GPU this machine does not have."""
+
+
+def _expected() -> str:
+    return f"expected one of {', '.join(DEVICE_CHOICES[:-1])}, cuda:N (N a GPU index)"
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """The ``torch.device`` that ``name`` asks for (see the module docstring).
+
+    Raises:
+        DeviceError: an unknown name, a CUDA device without CUDA, or a GPU index out of range.
+    """
+    text = str(name).strip()
+    match = _PATTERN.match(text)
+    if match is None or (match.group(2) is not None and match.group(1) != "cuda"):
+        raise DeviceError(f"unknown device {text!r}; {_expected()}")
+    kind, index = match.group(1), match.group(2)
+    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"device {text!r}: CUDA is not available (torch {torch.__version__}, "
+                          f"{torch.cuda.device_count()} GPUs visible); expected one of auto, cpu")
+    count = torch.cuda.device_count()
+    if index is None:
+        local_rank = os.environ.get("LOCAL_RANK")
+        index = int(local_rank) if local_rank is not None else torch.cuda.current_device()
+    index = int(index)
+    if index >= count:
+        raise DeviceError(f"device {text!r} is GPU {index}, but {count} CUDA device(s) are visible; "
+                          f"expected one of auto, cpu, cuda, {', '.join(f'cuda:{i}' for i in range(count))}")
+    return torch.device("cuda", index)
+
+
+def to_device(tree: Any, device: str | torch.device) -> Any:
+    """Tensors in nested tuples/lists/dicts moved to ``device``; other leaves unchanged.
+
+    A tensor already there is returned as it is (no copy).
+    """
+    if isinstance(tree, Tensor):
+        return tree.to(device)
+    if isinstance(tree, tuple):
+        return tuple(to_device(value, device) for value in tree)
+    if isinstance(tree, list):
+        return [to_device(value, device) for value in tree]
+    if isinstance(tree, dict):
+        return {key: to_device(value, device) for key, value in tree.items()}
+    return tree
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA); no-op on the CPU. Put around timings."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def process_context(device: str | torch.device) -> BaseContext | None:
+    """The multiprocessing context for worker processes that use ``device``.
+
+    ``spawn`` for CUDA (a forked child cannot use CUDA once the parent has touched it),
+    None (the platform default) otherwise, so CPU runs start their workers as before.
+    """
+    return multiprocessing.get_context("spawn") if torch.device(device).type == "cuda" else None
