@@ -17,6 +17,13 @@ Libraries (rows):
     ours           :class:`SparseRNN` ``kernel="auto"`` on the unstructured weights
     ours_tiled     :class:`SparseRNN` ``kernel="auto"`` on tile-pruned weights in
                    geometric (Hilbert) order, permutation folded in
+
+On a CUDA device (``--device cuda``) the same rows run on the GPU: ``torch_rnn`` is the
+dense cuDNN/cuBLAS reference, ``dense_loop`` cuBLAS addmv/addmm, ``torch_csr`` and the
+``csr``/``bsr``/``gather`` kernels of ``ours``/``ours_tiled`` cuSPARSE or plain CUDA ops;
+every timing is bracketed by ``torch.cuda.synchronize`` and the bandwidth is the device
+memory's. ``ort_dense`` (ONNX Runtime's CPU provider) is skipped there with a note, and
+the numba ``tiles`` kernel, CPU only, is not among ``ours_tiled``'s candidates.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from moduli_transform.device import DEVICE_HELP, resolve_device
 from moduli_transform.export.sparse_runtime import SparseRNN, layers_from_module
 from moduli_transform.export.tiles import magnitude_mask, order_neurons, permute_rnn, tile_prune
 
@@ -46,6 +54,8 @@ __all__ = [
     "PATTERNS",
     "BenchConfig",
     "BenchError",
+    "CPU_ONLY",
+    "device_libraries",
     "build_module",
     "run_worker",
     "run_benchmark",
@@ -55,6 +65,8 @@ __all__ = [
 ]
 
 LIBRARIES = ("torch_rnn", "dense_loop", "torch_csr", "ort_dense", "ours", "ours_tiled")
+# Rows that need the CPU: skipped on a CUDA device, with the reason printed.
+CPU_ONLY = {"ort_dense": "ONNX Runtime runs here with its CPU execution provider"}
 PATTERNS = ("random", "torus", "tiles")
 INPUT_SIZE = 64
 TILE = 16
@@ -237,14 +249,15 @@ def _ort_runner(module: nn.RNNBase, threads: int, batch: int) -> Callable[[Tenso
     return run
 
 
-def _runner(library: str, config: BenchConfig, threads: int):
-    """(run function, bytes read per step) for one library on one config."""
+def _runner(library: str, config: BenchConfig, threads: int, device: torch.device):
+    """(run function, bytes read per step) for one library on one config, on ``device``."""
     if library in ("torch_rnn", "ort_dense", "dense_loop"):
         module, perms = build_module(config, "dense")
     elif library == "ours_tiled":
         module, perms = build_module(config, "tiled")
     else:
         module, perms = build_module(config, "unstructured")
+    module = module.to(device)  # built on the CPU (same weights everywhere), timed on the device
     if library == "torch_rnn":
         run = _torch_runner(module)
     elif library == "ort_dense":
@@ -267,52 +280,63 @@ def _runner(library: str, config: BenchConfig, threads: int):
     return run, nbytes, kernel_names, module.input_size
 
 
-def _median(function: Callable[[], object], repeats: int) -> float:
+def _median(function: Callable[[], object], repeats: int, device: torch.device = torch.device("cpu")) -> float:
+    """Median seconds of ``function``; on CUDA the queued kernels are waited for on both sides."""
+    cuda = device.type == "cuda"  # checked once: the CPU loop stays as it was
     times = []
     for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         function()
+        if cuda:
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def run_worker(library: str, configs: Sequence[BenchConfig], threads: int, repeats: int
-               ) -> list[dict]:
-    """Time one library on every config (in this process); one result dict per config."""
+def run_worker(library: str, configs: Sequence[BenchConfig], threads: int, repeats: int,
+               device: str = "cpu") -> list[dict]:
+    """Time one library on every config (in this process) on ``device``; one result dict per config."""
     _pin_threads(threads)
+    where = resolve_device(device)
     if library == "bandwidth":
-        return [{"library": "bandwidth", "bandwidth_gbps": measure_bandwidth(repeats)}]
+        return [{"library": "bandwidth", "bandwidth_gbps": measure_bandwidth(repeats, device=where)}]
     if library not in LIBRARIES:
         raise BenchError(f"unknown library {library!r}; expected one of {', '.join(LIBRARIES)}")
+    if where.type != "cpu" and library in CPU_ONLY:
+        raise BenchError(f"library {library} runs on the CPU only ({CPU_ONLY[library]}); got device {where}")
     results = []
     for config in configs:
-        run, nbytes, kernel, input_size = _runner(library, config, threads)
+        run, nbytes, kernel, input_size = _runner(library, config, threads, where)
         generator = torch.Generator().manual_seed(1)
-        sequence = torch.randn(config.steps, config.batch, input_size, generator=generator)
+        sequence = torch.randn(config.steps, config.batch, input_size, generator=generator).to(where)
         single = sequence[:1].contiguous()
         for _ in range(2):
             run(sequence)
-        step_s = _median(lambda: run(single), max(10, 4 * repeats))
-        sequence_s = _median(lambda: run(sequence), repeats)
+        step_s = _median(lambda: run(single), max(10, 4 * repeats), where)
+        sequence_s = _median(lambda: run(sequence), repeats, where)
         results.append({**asdict(config), "library": library, "kernel": kernel,
                         "step_us": step_s * 1e6, "sequence_ms": sequence_s * 1e3,
                         "bytes_per_step": nbytes})
     return results
 
 
-def measure_bandwidth(repeats: int = 5, megabytes: int = 512) -> float:
-    """DRAM read bandwidth in GB/s: median time to sum a buffer far larger than cache."""
-    buffer = torch.ones(megabytes * 2**20 // 4)
+def measure_bandwidth(repeats: int = 5, megabytes: int = 512, device: torch.device = torch.device("cpu")) -> float:
+    """Memory read bandwidth in GB/s (DRAM; a GPU's own memory on CUDA): median time to sum a
+    buffer far larger than the last-level cache."""
+    buffer = torch.ones(megabytes * 2**20 // 4, device=device)
     buffer.sum()
-    seconds = _median(lambda: buffer.sum(), max(3, repeats))
+    seconds = _median(lambda: buffer.sum(), max(3, repeats), device)
     return buffer.numel() * 4 / seconds / 1e9
 
 
 # --------------------------------------------------------------------------- driver
-def _spawn(library: str, configs: Sequence[BenchConfig], threads: int, repeats: int) -> list[dict]:
+def _spawn(library: str, configs: Sequence[BenchConfig], threads: int, repeats: int,
+           device: str = "cpu") -> list[dict]:
     command = [sys.executable, "-m", "moduli_transform.export.bench", "--worker", library,
                "--configs", json.dumps([asdict(c) for c in configs]),
-               "--threads", str(threads), "--repeats", str(repeats)]
+               "--threads", str(threads), "--repeats", str(repeats), "--device", device]
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
@@ -360,18 +384,44 @@ def _label(row: dict) -> str:
                        row["steps"], row["seed"], row["file"]).label
 
 
+def device_libraries(libraries: Sequence[str], device: torch.device,
+                     log: Callable[[str], None] = print) -> list[str]:
+    """The libraries that run on ``device``; each one left out (CPU only, on CUDA) is logged.
+
+    Example:
+        >>> device_libraries(["torch_rnn", "ort_dense"], torch.device("cpu"))
+        ['torch_rnn', 'ort_dense']
+    """
+    if device.type == "cpu":
+        return list(libraries)
+    kept = []
+    for library in libraries:
+        if library in CPU_ONLY:
+            log(f"note: {library} skipped on {device}: {CPU_ONLY[library]}")
+        else:
+            kept.append(library)
+    if "ours_tiled" in kept:
+        log(f"note: the numba tiles kernel is CPU only; on {device} ours_tiled chooses among csr, bsr and gather")
+    return kept
+
+
 def run_benchmark(configs: Sequence[BenchConfig], libraries: Sequence[str] = LIBRARIES,
                   rounds: int = 3, repeats: int = 5, threads: int | None = None,
-                  log: Callable[[str], None] = print) -> tuple[list[dict], float]:
-    """Interleaved rounds of one process per library; returns (table rows, GB/s)."""
+                  log: Callable[[str], None] = print, device: str = "cpu") -> tuple[list[dict], float]:
+    """Interleaved rounds of one process per library on ``device``; returns (table rows, GB/s).
+
+    On a CUDA device the CPU-only libraries are left out (:func:`device_libraries`).
+    """
     threads = threads or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
         else threads or os.cpu_count() or 1
+    where = resolve_device(device)
+    libraries = device_libraries(libraries, where, log)
     rows, bandwidths = [], []
     for round_index in range(rounds):
-        bandwidths.append(_spawn("bandwidth", [], threads, repeats)[0]["bandwidth_gbps"])
+        bandwidths.append(_spawn("bandwidth", [], threads, repeats, str(where))[0]["bandwidth_gbps"])
         for library in libraries:
             log(f"round {round_index + 1}/{rounds}: {library}")
-            rows.extend(_spawn(library, configs, threads, repeats))
+            rows.extend(_spawn(library, configs, threads, repeats, str(where)))
     bandwidth = statistics.median(bandwidths)
     return _summarize(rows, bandwidth), bandwidth
 
@@ -386,12 +436,21 @@ COLUMNS = ("config", "library", "kernel", "step_us", "sequence_ms", "speedup_vs_
            "speedup_vs_dense", "bytes_per_step", "gbps", "bandwidth_fraction")
 
 
-def markdown_table(table: Sequence[dict], bandwidth: float) -> str:
+def _device_name(device: torch.device) -> str:
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+
+
+def markdown_table(table: Sequence[dict], bandwidth: float, device: str = "cpu") -> str:
     """The result rows as a markdown table (one line per config and library)."""
-    lines = [f"Measured DRAM read bandwidth: {bandwidth:.1f} GB/s; T = {table[0]['steps']} "
-             "steps; times are medians over rounds.", "",
+    where = torch.device(device)
+    memory = "DRAM" if where.type == "cpu" else "device memory"
+    header = f"Measured {memory} read bandwidth: {bandwidth:.1f} GB/s; T = {table[0]['steps']} " \
+             "steps; times are medians over rounds."
+    if where.type != "cpu":
+        header = f"Device {_device_name(where)}. {header}"
+    lines = [header, "",
              "| config | library | kernel | step (us) | sequence (ms) | x nn.RNN | x dense loop "
-             "| MB/step | GB/s | of DRAM bw |",
+             f"| MB/step | GB/s | of {'DRAM' if where.type == 'cpu' else 'memory'} bw |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in table:
         lines.append(
@@ -402,11 +461,11 @@ def markdown_table(table: Sequence[dict], bandwidth: float) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(table: Sequence[dict], bandwidth: float, out: Path) -> list[Path]:
+def write_outputs(table: Sequence[dict], bandwidth: float, out: Path, device: str = "cpu") -> list[Path]:
     """Write ``bench.md``, ``bench.csv`` and ``bench.png`` into ``out``; return the paths."""
     out.mkdir(parents=True, exist_ok=True)
     markdown = out / "bench.md"
-    markdown.write_text(markdown_table(table, bandwidth) + "\n")
+    markdown.write_text(markdown_table(table, bandwidth, device) + "\n")
     table_csv = out / "bench.csv"
     with table_csv.open("w", newline="") as handle:
         fields = ["config", *[k for k in table[0] if k != "label"]]
@@ -459,6 +518,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: H=512 and 1024, batch 1, sparsity 0.9, 1 round")
     parser.add_argument("--out", default="bench_results", help="folder for md / csv / png")
+    parser.add_argument("--device", default="auto",
+                        help=f"where to time: {DEVICE_HELP}; on cuda, ONNX Runtime (CPU) is skipped and the "
+                             "numba tiles kernel is not tried")
 
 
 def configs_from_args(args: argparse.Namespace) -> list[BenchConfig]:
@@ -500,14 +562,15 @@ def main(args: argparse.Namespace) -> int:
     """Run the benchmark the parsed options describe, print the table and save files."""
     try:
         _validate(args)
+        device = str(resolve_device(args.device))
         configs = configs_from_args(args)
-    except ValueError as error:
+    except ValueError as error:  # BenchError, DeviceError
         print(f"moduli-transform bench: error: {error}", file=sys.stderr)
         return 2
     table, bandwidth = run_benchmark(configs, args.libraries, args.rounds, args.repeats,
-                                     args.threads, log=lambda m: print(m, file=sys.stderr))
-    print(markdown_table(table, bandwidth))
-    for path in write_outputs(table, bandwidth, Path(args.out)):
+                                     args.threads, log=lambda m: print(m, file=sys.stderr), device=device)
+    print(markdown_table(table, bandwidth, device))
+    for path in write_outputs(table, bandwidth, Path(args.out), device):
         print(f"wrote {path}")
     return 0
 
@@ -521,7 +584,7 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     if args.worker:
         configs = [BenchConfig(**c) for c in json.loads(args.configs)]
         threads = args.threads or 1
-        print(json.dumps(run_worker(args.worker, configs, threads, args.repeats)))
+        print(json.dumps(run_worker(args.worker, configs, threads, args.repeats, args.device)))
         return 0
     return main(args)
 

@@ -17,6 +17,10 @@ a sparse kernel, and gives the same outputs as the module (to float32 rounding):
 Hidden units may be stored in a different order than the module's (the geometric order of
 :mod:`moduli_transform.export.tiles`); ``perms[l][i]`` is the original index of stored unit ``i`` of layer
 ``l``, and states going in and out are translated so callers never see the order.
+
+The runtime runs on the device of its layers' weights (``layers_from_module`` of a module
+moved with ``.to("cuda")``): ``dense``, ``csr`` and ``bsr`` are then cuBLAS / cuSPARSE
+products, ``gather`` runs there too, and ``tiles`` (numba, CPU memory) applies on the CPU only.
 """
 
 from __future__ import annotations
@@ -198,7 +202,8 @@ class GatherKernel(RecurrentKernel):
         self.values = bsr.values().contiguous()
         self.cols = bsr.col_indices()
         block_rows = weight.shape[0] // tile
-        self.rows = torch.repeat_interleave(torch.arange(block_rows), bsr.crow_indices().diff())
+        self.rows = torch.repeat_interleave(torch.arange(block_rows, device=weight.device),
+                                            bsr.crow_indices().diff())
         self.tile = tile
 
     @classmethod
@@ -232,7 +237,7 @@ class TileKernel(RecurrentKernel):
 
     @classmethod
     def applies(cls, weight: Tensor, tile: int) -> bool:
-        return numba_kernels.AVAILABLE and _tile_divisible(weight, tile)
+        return numba_kernels.AVAILABLE and weight.device.type == "cpu" and _tile_divisible(weight, tile)
 
     def __call__(self, u: Tensor, h: Tensor) -> Tensor:
         numba_kernels.set_threads(torch.get_num_threads())
@@ -254,11 +259,16 @@ class TileKernel(RecurrentKernel):
         return _bsr_bytes(self.tiles_t.shape[0], self.tile, self.shape, batch)
 
 
-def _median_time(function: Callable[[], object], repeats: int) -> float:
+def _median_time(function: Callable[[], object], repeats: int, device: torch.device) -> float:
+    cuda = device.type == "cuda"  # queued CUDA kernels are waited for on both sides
     times = []
     for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         function()
+        if cuda:
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
@@ -279,9 +289,10 @@ def choose_kernel(weight: Tensor, batch: int, candidates: Sequence[str], tile: i
     With ``elman=True`` candidates are timed on a short Elman sequence, the way the runtime
     will use them (a kernel with a fused sequence loop is timed fused).
     """
-    h = torch.randn(weight.shape[1], batch)
-    u = torch.randn(weight.shape[0], batch)
-    projected = torch.randn(8, weight.shape[0], batch)
+    device = weight.device
+    h = torch.randn(weight.shape[1], batch).to(device)
+    u = torch.randn(weight.shape[0], batch).to(device)
+    projected = torch.randn(8, weight.shape[0], batch).to(device)
     best, best_time = None, float("inf")
     for name in candidates:
         if not KERNELS[name].applies(weight, tile):
@@ -289,7 +300,7 @@ def choose_kernel(weight: Tensor, batch: int, candidates: Sequence[str], tile: i
         kernel = KERNELS[name](weight, tile)
         work = (lambda: _elman_sequence(kernel, projected, h)) if elman else (lambda: kernel(u, h))
         work()
-        elapsed = _median_time(work, repeats)
+        elapsed = _median_time(work, repeats, device)
         if elapsed < best_time:
             best, best_time = kernel, elapsed
     return best
@@ -317,7 +328,7 @@ class RecurrentLayer:
     def input_bias(self) -> Tensor:
         """Bias folded into the input projection (all of it except GRU's ``b_hn``)."""
         rows = self.weight_ih.shape[0]
-        bias = torch.zeros(rows) if self.bias_ih is None else self.bias_ih.clone()
+        bias = torch.zeros(rows, device=self.weight_ih.device) if self.bias_ih is None else self.bias_ih.clone()
         if self.bias_hh is not None:
             folded = rows if self.mode != "GRU" else 2 * self.hidden_size
             bias[:folded] += self.bias_hh[:folded]
@@ -325,7 +336,7 @@ class RecurrentLayer:
 
     def recurrent_bias(self) -> Tensor:
         """Bias added to ``W_hh h`` inside the loop: GRU's ``b_hn`` (it is gated by r)."""
-        bias = torch.zeros(self.weight_hh.shape[0])
+        bias = torch.zeros(self.weight_hh.shape[0], device=self.weight_hh.device)
         if self.mode == "GRU" and self.bias_hh is not None:
             bias[2 * self.hidden_size:] = self.bias_hh[2 * self.hidden_size:]
         return bias
@@ -470,7 +481,9 @@ class SparseRNN:
         self.batch_first = batch_first
         self.tile = tile
         self.candidates = tuple(candidates)
-        self.perms = list(perms) if perms is not None else [None] * len(self.layers)
+        device = self.layers[0].weight_hh.device if self.layers else torch.device("cpu")
+        self.perms = [None if perm is None else perm.to(device) for perm in perms] if perms is not None \
+            else [None] * len(self.layers)
         if len(self.perms) != len(self.layers):
             raise RuntimeConfigError(
                 f"got {len(self.perms)} permutations for {len(self.layers)} layers"
@@ -514,7 +527,7 @@ class SparseRNN:
     def _initial(self, state: Tensor | None, index: int, batch: int) -> Tensor:
         hidden = self.layers[index].hidden_size
         if state is None:
-            return torch.zeros(hidden, batch)
+            return torch.zeros(hidden, batch, device=self.layers[index].weight_hh.device)
         layer_state = state[index]
         if self.perms[index] is not None:
             layer_state = layer_state[..., self.perms[index]]
@@ -537,7 +550,7 @@ class SparseRNN:
             outputs = kernel.run_elman(projected, h, _FUSED_ELMAN[layer.mode])
             return outputs.transpose(1, 2), outputs[-1], c
         rec_bias = self._recurrent_bias[index]
-        outputs = torch.empty(steps, layer.hidden_size, batch)
+        outputs = torch.empty(steps, layer.hidden_size, batch, device=projected.device)
         for t in range(steps):
             h, c = step(kernel, projected[t], rec_bias, h, c)
             outputs[t] = h

@@ -31,9 +31,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["DEVICE_CHOICES", "DeviceError", "resolve_device", "to_device", "synchronize", "process_context"]
+__all__ = ["DEVICE_CHOICES", "DEVICE_HELP", "DeviceError", "resolve_device", "to_device", "process_context"]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
+DEVICE_HELP = "auto (default: cuda when available, else cpu), cpu, cuda or cuda:N"
 _PATTERN = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
 
 
@@ -86,13 +87,6 @@ def to_device(tree: Any, device: str | torch.device) -> Any:
     if isinstance(tree, dict):
         return {key: to_device(value, device) for key, value in tree.items()}
     return tree
-
-
-def synchronize(device: str | torch.device) -> None:
-    """Wait for the device's queued kernels (CUDA); no-op on the CPU. Put around timings."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def process_context(device: str | torch.device) -> BaseContext | None:

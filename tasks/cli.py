@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from moduli_transform.device import DEVICE_HELP, resolve_device
+
 from . import LOTTERY_EMBEDDINGS, TASKS
 from .run_folder import RunFolderError, claim_run_folder
 from .runner import EMBEDDINGS, GRANULARITIES, REGULARIZERS, RunConfig, RunConfigError, run
@@ -38,6 +40,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="corpus for the language model (file or WikiText-2 folder)")
     parser.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="auto", help=f"where to train: {DEVICE_HELP}; not part of a run's "
+                                                         "identity (a run resumes on another device)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -92,11 +96,12 @@ def _train(args: argparse.Namespace) -> int:
     main = os.environ.get("RANK", "0") == "0"  # torchrun: rank 0 alone checks and moves the folder
     try:
         config = config_from_args(args)
+        device = resolve_device(args.device)  # cuda:LOCAL_RANK under torchrun
         validate_names(config.manifold, config.inhibitor)
         _check_data(config.data)
         notes = claim_run_folder(config.out, config.identity(), resume=config.resume,
                                  overwrite=args.overwrite) if main else []
-    except ValueError as error:  # RunConfigError, RunFolderError, unknown names
+    except ValueError as error:  # RunConfigError, RunFolderError, DeviceError, unknown names
         print(f"moduli-transform train: error: {error}", file=sys.stderr)
         return 2
     from moduli_transform.distributed import cleanup_distributed, is_main_process
@@ -104,9 +109,9 @@ def _train(args: argparse.Namespace) -> int:
     for note in notes:
         print(note, file=sys.stderr)
     if main:
-        print(f"run folder: {config.out}", file=sys.stderr)
+        print(f"run folder: {config.out} (device {device})", file=sys.stderr)
     try:
-        summary = run(config, progress=not args.no_progress)
+        summary = run(config, progress=not args.no_progress, device=device)
     except RunConfigError as error:  # a checkpoint made with other settings
         print(f"moduli-transform train: error: {error}", file=sys.stderr)
         return 2
@@ -134,6 +139,7 @@ def register_table(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="local runs at once (one thread each when > 1)")
     parser.add_argument("--backend", default="local", choices=("local", "ray"))
     parser.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray instance)")
+    parser.add_argument("--device", default="auto", help=f"where every run trains: {DEVICE_HELP}")
     parser.set_defaults(func=_table)
 
 
@@ -151,6 +157,7 @@ def _table(args: argparse.Namespace) -> int:
         if args.jobs < 1:
             raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
         _check_data(args.data)
+        resolve_device(args.device)
         if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
             raise RunFolderError(f"--out {args.out} is a file, not a folder")
     except ValueError as error:

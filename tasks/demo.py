@@ -10,6 +10,7 @@ dense-vs-sparse timing of its recurrent layer.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -18,6 +19,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
+
+from moduli_transform.device import DEVICE_HELP, DeviceError, process_context, resolve_device
 
 from .ray_backend import split_finished
 from .run_folder import RunFolderError, claim_run_folder
@@ -39,11 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at once (one thread each)")
     parser.add_argument("--fresh", action="store_true",
                         help="retrain runs that already finished (the old ones are moved aside, not deleted)")
+    parser.add_argument("--device", default="auto", help=f"where the runs train: {DEVICE_HELP}")
     parser.set_defaults(func=run_demo)
 
 
-def _train(config: RunConfig) -> dict[str, Any]:
-    return run(config, progress=False)
+def _train(config: RunConfig, device: str = "cpu") -> dict[str, Any]:
+    return run(config, progress=False, device=device)
 
 
 def _plan(args: argparse.Namespace) -> list[RunConfig]:
@@ -53,7 +57,7 @@ def _plan(args: argparse.Namespace) -> list[RunConfig]:
                       out=str(Path(args.out) / control)) for control in CONTROLS]
 
 
-def _train_all(plans: list[RunConfig], jobs: int, fresh: bool) -> list[dict[str, Any]]:
+def _train_all(plans: list[RunConfig], jobs: int, fresh: bool, device: torch.device) -> list[dict[str, Any]]:
     summaries: dict[str, dict[str, Any]] = {}
     todo = []
     finished, pending = split_finished(plans) if not fresh else ({}, list(range(len(plans))))
@@ -66,9 +70,11 @@ def _train_all(plans: list[RunConfig], jobs: int, fresh: bool) -> list[dict[str,
         for note in claim_run_folder(config.out, config.identity(), resume=False, overwrite=fresh):
             print(note)
     if todo:
-        print(f"training {len(todo)} runs ({jobs} at a time): {', '.join(c.regularizer for c in todo)}")
-        with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
-            for config, summary in zip(todo, pool.map(_train, todo)):
+        print(f"training {len(todo)} runs ({jobs} at a time, device {device}): "
+              f"{', '.join(c.regularizer for c in todo)}")
+        train = functools.partial(_train, device=str(device))
+        with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=process_context(device)) as pool:
+            for config, summary in zip(todo, pool.map(train, todo)):
                 print(f"  {config.regularizer:9s} done in {summary['wall_time_s']:.0f} s")
                 summaries[config.out] = summary
     return [summaries[config.out] for config in plans]
@@ -161,10 +167,11 @@ def run_demo(args: argparse.Namespace) -> int:
         if not 0.0 <= args.sparsity < 1.0 or args.steps < 3 or args.jobs < 1:
             raise RunFolderError(f"need 0 <= --sparsity < 1, --steps >= 3, --jobs >= 1; got {args.sparsity}, "
                                  f"{args.steps}, {args.jobs}")
+        device = resolve_device(args.device)
         plans = _plan(args)
         started = time.perf_counter()
-        summaries = _train_all(plans, args.jobs, args.fresh)
-    except RunFolderError as error:
+        summaries = _train_all(plans, args.jobs, args.fresh, device)
+    except (RunFolderError, DeviceError) as error:
         print(f"moduli-transform demo: error: {error}".replace("--resume to continue it", "nothing (a finished "
               "run with the same settings is reused)").replace("--overwrite", "--fresh"), file=sys.stderr)
         return 2

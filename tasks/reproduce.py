@@ -32,6 +32,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from moduli_transform.device import DEVICE_HELP, process_context, resolve_device
+
 from . import TASKS, get_task
 from .ray_backend import read_summary, same_recorded_run
 from .runner import RunConfig, run
@@ -149,15 +151,19 @@ def run_status(config: RunConfig) -> str:
     return "finished" if read_summary(out) is not None else "partial"
 
 
-def _run_one(config: RunConfig) -> dict[str, Any]:
-    return run(replace(config, resume=True), progress=False)
+def _run_one(config: RunConfig, device: str = "cpu") -> dict[str, Any]:
+    return run(replace(config, resume=True), progress=False, device=device)
 
 
-def execute(configs: Sequence[RunConfig], jobs: int = 1, on_result: Any = None) -> dict[str, Any]:
-    """Run what is new or partial, in order; returns ``{out: summary | error string | status}``.
+def execute(configs: Sequence[RunConfig], jobs: int = 1, on_result: Any = None,
+            device: str = "cpu") -> dict[str, Any]:
+    """Run what is new or partial, in order, on ``device``; returns ``{out: summary | error string | status}``.
 
     ``on_result(out, result)`` is called after every run (the report is rewritten there).
+    The device is not part of a run's identity: a partial run resumes on any device and a
+    finished one is reused whichever device made it.
     """
+    device = str(resolve_device(device))
     results: dict[str, Any] = {}
     todo = []
     for config in configs:
@@ -183,14 +189,14 @@ def execute(configs: Sequence[RunConfig], jobs: int = 1, on_result: Any = None) 
         for config in todo:
             started = time.time()
             try:
-                outcome: Any = _run_one(config)
+                outcome: Any = _run_one(config, device)
             except Exception as error:  # one failed run does not stop the others
                 outcome = repr(error)
             record(config, outcome, started)
         return results
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=process_context(device)) as pool:
         started = time.time()
-        futures = {pool.submit(_run_one, config): config for config in todo}
+        futures = {pool.submit(_run_one, config, device): config for config in todo}
         for future in as_completed(futures):
             try:
                 outcome = future.result()
@@ -219,6 +225,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "only if it is an earlier report")
     parser.add_argument("--data", default=None, help="corpus for the language model")
     parser.add_argument("--report-only", action="store_true", help="write the report from the runs there; run nothing")
+    parser.add_argument("--device", default="auto", help=f"where the runs train: {DEVICE_HELP}")
     parser.set_defaults(func=_reproduce)
 
 
@@ -240,9 +247,10 @@ def _reproduce(args: argparse.Namespace) -> int:
         return _fail(f"unknown preset {args.preset!r} for task {missing[0]!r}; expected one of "
                      f"{', '.join(TASKS[missing[0]].presets)}")
     try:
+        device = resolve_device(args.device)
         configs = [c for t in args.tasks for c in plan(t, args.preset, args.seeds, args.runs, args.lottery,
                                                        data=args.data if t == "language_model" else None)]
-    except ValueError as error:
+    except ValueError as error:  # DeviceError too
         return _fail(str(error))
 
     report_path = Path(args.report) if args.report is not None else Path(args.runs) / "REPRODUCTION.md"
@@ -254,7 +262,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         write_report(args.runs, report_path)
 
     if not args.report_only:
-        results = execute(configs, args.jobs, on_result=report)
+        results = execute(configs, args.jobs, on_result=report, device=str(device))
         failed = [out for out, outcome in results.items() if isinstance(outcome, str) and outcome != "conflict"]
         for out in failed:
             print(f"failed: {out}: {results[out]}", file=sys.stderr)

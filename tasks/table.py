@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import statistics
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tqdm import tqdm
+
+from moduli_transform.device import process_context, resolve_device
 
 from .ray_backend import RunFailure, execute_ray, split_finished
 from .runner import RunConfig, run
@@ -80,24 +83,34 @@ def plan_runs(task: str, preset: str, grid: str, seeds: int, sparsities: Sequenc
     return list(unique.values())
 
 
-def _run_quietly(config: RunConfig) -> dict[str, Any]:
-    return run(config, progress=False)
+def _run_quietly(config: RunConfig, device: str = "cpu") -> dict[str, Any]:
+    return run(config, progress=False, device=device)
 
 
 def execute(configs: Sequence[RunConfig], backend: str = "local", jobs: int = 1, address: str | None = None,
-            cpus_per_run: float = 1, gpus_per_run: float = 0) -> list[dict | RunFailure]:
-    """Run the unfinished configs (local processes or Ray); finished ones are read back."""
+            cpus_per_run: float = 1, gpus_per_run: float | None = None, device: str = "cpu"
+            ) -> list[dict | RunFailure]:
+    """Run the unfinished configs (local processes or Ray) on ``device``; finished ones are read back.
+
+    On Ray a cuda device reserves ``gpus_per_run`` GPUs per run (default 1; 0 for cpu) and
+    each run trains on the GPU Ray gives it.
+    """
+    resolved = resolve_device(device)
+    cuda = resolved.type == "cuda"
     if backend == "ray":
         configs = [replace(c, threads=c.threads or max(1, int(cpus_per_run))) for c in configs]
-        return execute_ray(configs, _run_quietly, address, cpus_per_run, gpus_per_run)
+        gpus = (1 if cuda else 0) if gpus_per_run is None else gpus_per_run
+        run_fn = functools.partial(_run_quietly, device="cuda" if cuda else "cpu")
+        return execute_ray(configs, run_fn, address, cpus_per_run, gpus)
     if backend != "local":
         raise ValueError(f"unknown backend {backend!r}; expected one of local, ray")
     finished, pending = split_finished(configs)
     results: list[Any] = [finished.get(i) for i in range(len(configs))]
     if jobs > 1:  # one thread per run: small RNNs train fastest that way on a shared CPU
         configs = [replace(c, threads=c.threads or 1) for c in configs]
-    with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool, tqdm(total=len(pending), desc="runs") as bar:
-        futures = {index: pool.submit(_run_quietly, configs[index]) for index in pending}
+    with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=process_context(resolved)) as pool, \
+            tqdm(total=len(pending), desc="runs") as bar:
+        futures = {index: pool.submit(_run_quietly, configs[index], str(resolved)) for index in pending}
         for index, future in futures.items():
             try:
                 results[index] = future.result()
@@ -213,7 +226,9 @@ def run_table(args: argparse.Namespace) -> int:
     plans = plan_runs(args.task, args.preset, args.grid, args.seeds, sparsities, args.out,
                       steps=args.steps, data=args.data)
     print(f"{len(plans)} runs planned in {args.out} ({args.grid}, {args.seeds} seeds, sparsities {sparsities})")
-    results = execute([config for _, config in plans], args.backend, args.jobs, args.address)
+    # Namespaces built by hand (not by the CLI) may lack --device: they train on the CPU, as before.
+    results = execute([config for _, config in plans], args.backend, args.jobs, args.address,
+                      device=getattr(args, "device", "cpu"))
     failures = [r for r in results if isinstance(r, RunFailure)]
     for failure in failures:
         print(f"failed: {failure.run_dir}: {failure.error.strip().splitlines()[-1]}")
