@@ -255,6 +255,48 @@ def test_adam_resume_is_bit_identical(tmp_path):
         assert_identical(ref_state["state"][index], new_state["state"][index])
 
 
+# -- map_location: resume on another device ---------------------------------------------------
+@pytest.mark.parametrize("map_location", ["cpu", torch.device("cpu")])
+def test_map_location_cpu_loads_the_same_tensors_and_rng_states(tmp_path, map_location):
+    save_checkpoint(tmp_path, sample_tensors(), {"step": 1})
+    tensors, _ = load_checkpoint(tmp_path, map_location=map_location)
+    assert_identical(tensors, load_checkpoint(tmp_path)[0])
+    assert all(t.device.type == "cpu" for t in tensors.values())
+
+    random.seed(1)
+    numpy.random.seed(1)
+    model, optimizer, generator = make()
+    train_steps(model, optimizer, generator, 3)
+    save_checkpoint(tmp_path / "run", *capture_training_state(3, model, optimizer, generators={"data": generator}))
+    train_steps(model, optimizer, generator, 3)
+    fresh, fresh_optimizer, fresh_generator = make(seed=7)
+    checkpoint = read_checkpoint(list_checkpoints(tmp_path / "run")[-1][1], map_location=map_location)
+    restore_training_state(checkpoint.tensors, checkpoint.state, fresh, fresh_optimizer,
+                           generators={"data": fresh_generator})
+    train_steps(fresh, fresh_optimizer, fresh_generator, 3)  # dropout, batches and noise all draw the same
+    assert_identical(model.state_dict(), fresh.state_dict())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_cpu_checkpoint_resumes_on_cuda_and_back(tmp_path):
+    model, optimizer, generator = make()
+    train_steps(model, optimizer, generator, 3)
+    save_checkpoint(tmp_path / "cpu", *capture_training_state(3, model, optimizer, generators={"data": generator}))
+    on_gpu, gpu_optimizer, gpu_generator = make(seed=7)
+    on_gpu.cuda()
+    tensors, state = load_checkpoint(tmp_path / "cpu", map_location="cuda")
+    assert all(t.is_cuda for t in tensors.values())
+    restore_training_state(tensors, state, on_gpu, gpu_optimizer, generators={"data": gpu_generator})
+    assert torch.equal(gpu_generator.get_state(), generator.get_state())  # RNG states set from CPU copies
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(on_gpu.state_dict().values(), model.state_dict().values()))
+    save_checkpoint(tmp_path / "gpu", *capture_training_state(3, on_gpu, gpu_optimizer,
+                                                              generators={"data": gpu_generator}))
+    back, back_optimizer, back_generator = make(seed=8)
+    restore_training_state(*load_checkpoint(tmp_path / "gpu", map_location="cpu"), back, back_optimizer,
+                           generators={"data": back_generator})
+    assert_identical(back.state_dict(), model.state_dict())
+
+
 # -- SIGKILL and resume in a subprocess -------------------------------------------------------
 SCRIPT = textwrap.dedent('''
     import sys, time

@@ -76,7 +76,8 @@ def test_user_mistakes_are_one_line_and_exit_2(argv, message, a_file, tmp_path, 
     assert len(lines) == 1 and message in lines[0], err
 
 
-TRAIN = ["train", "adding", "--preset", "test", "--steps", "6", "--sparsity", "0.5", "--no-progress", "--threads", "1"]
+TRAIN = ["train", "adding", "--preset", "test", "--steps", "6", "--sparsity", "0.5", "--no-progress", "--threads", "1",
+         "--device", "cpu"]
 
 
 def test_existing_run_is_never_replaced(tmp_path, capsys):
@@ -112,7 +113,7 @@ def test_train_export_bench_path(tmp_path, capsys):
     assert status == 2 and "Traceback" not in err  # weights of another model: one line
     status, stdout, err = _call(["bench", "--file", str(exported), "--batch", "1", "--steps", "5", "--rounds", "1",
                                  "--repeats", "1", "--libraries", "torch_rnn", "ours", "--threads", "1",
-                                 "--out", str(tmp_path / "bench")], capsys)
+                                 "--device", "cpu", "--out", str(tmp_path / "bench")], capsys)
     assert status == 0, err
     assert "|" in stdout and any((tmp_path / "bench").iterdir())
 

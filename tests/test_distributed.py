@@ -214,7 +214,7 @@ def test_runner_under_torchrun_matches_single_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}",
                "-m", "moduli_transform.cli", "train", "adding", "--preset", "test", "--embedding", "trained",
-               "--threads", "1", "--no-progress", "--out", str(tmp_path / "ddp")]
+               "--threads", "1", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "ddp")]
     finished = subprocess.run(command, env=env, capture_output=True, timeout=120)
     assert finished.returncode == 0, finished.stderr.decode()[-3000:]
     single, ddp = (load_file(tmp_path / name / "weights.safetensors") for name in ("single", "ddp"))
