@@ -43,7 +43,7 @@ class DeviceError(ValueError):
 
 
 def _expected() -> str:
-    return f"expected one of {', '.join(DEVICE_CHOICES[:-1])}, cuda:N (N a GPU index)"
+    return f"expected one of {', '.join(DEVICE_CHOICES)} (N a GPU index)"
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:

@@ -382,9 +382,9 @@ def restore_rng_state(tensors: dict[str, Tensor], state: dict[str, Any],
                       generators: dict[str, torch.Generator] | None = None, prefix: str = "rng") -> None:
     """Restore what :func:`capture_rng_state` captured (generators are set in place).
 
-    The states may have been loaded onto any device; they are set from CPU copies. CUDA
-    states are restored only where CUDA is available (a GPU run resumed on the CPU keeps
-    its CPU, Python, NumPy and named-generator states).
+    The states may have been loaded onto any device (``map_location``); they are set from
+    CPU copies. CUDA RNG states are restored where CUDA is available and skipped elsewhere,
+    so a GPU run resumes on a CPU-only machine.
 
     Raises:
         CheckpointError: a named generator was not saved, or an RNG state is missing.
