@@ -345,7 +345,7 @@ class _Progress:
 class _Run:
     """The state of one run while it trains (kept off the public API)."""
 
-    def __init__(self, config: RunConfig, device: torch.device) -> None:
+    def __init__(self, config: RunConfig, device: torch.device = torch.device("cpu")) -> None:
         import moduli_transform as mt
 
         self.config = config
