@@ -206,7 +206,8 @@ def _target_record(target: Any) -> dict[str, Any]:
 
     return {"name": target.name, "kind": target.kind, "shape": list(target.shape),
             "rows": fmt(target.rows), "cols": fmt(target.cols), "gates": int(target.gates),
-            "gate_names": list(target.gate_names), "module": target.module}
+            "gate_names": list(target.gate_names), "module": target.module,
+            "transposed": bool(getattr(target, "transposed", False))}
 
 
 def _config_strings(config: dict[str, Any] | None) -> tuple[str | None, str | None]:
@@ -281,7 +282,8 @@ def save_safetensors(model_or_handle: Any, path: str | os.PathLike, *,
                             keys["col_idx"]: col_idx, keys["values"]: values})
             entry.update({"storage": "csr", "keys": keys, "matrix_shape": [rows, cols], "nnz": nnz,
                           "index_dtype": DTYPE_CODES[index_dtype],
-                          "gate_order": _gate_names(model, name, targets)})
+                          "gate_order": _gate_names(model, name, targets),
+                          "gate_axis": 1 if getattr(targets.get(name), "transposed", False) else 0})
         else:
             key = f"dense/{name}"
             tensors[key] = tensor.clone(memory_format=torch.contiguous_format)  # tied weights share storage

@@ -165,7 +165,7 @@ def test_metadata_records_config_gates_embeddings_and_sparsity(saved):
     for name, mask in handle.masks.items():
         entry = entries[name]
         assert entry["storage"] == "csr" and entry["index_dtype"] == "I32"
-        assert entry["gate_order"] == ["i", "f", "g", "o"]
+        assert entry["gate_order"] == ["i", "f", "g", "o"] and entry["gate_axis"] == 0
         assert entry["shape"] == list(state[name].shape) and entry["dtype"] == "F32"
         assert entry["nnz"] == int(mask.sum())
         assert torch.equal(loaded.masks[name], mask)
@@ -175,6 +175,25 @@ def test_metadata_records_config_gates_embeddings_and_sparsity(saved):
     for name, regularizer in handle.regularizers.items():
         assert torch.equal(loaded.embeddings[name]["row"], regularizer.row_embedding.detach())
         assert torch.equal(loaded.embeddings[name]["col"], regularizer.col_embedding.detach())
+
+
+def test_weight_stored_in_out_records_its_gates_along_the_columns(tmp_path):
+    import moduli_transform as mt
+    from model_zoo import H, InOutGatesLSTM, sequence
+
+    torch.manual_seed(0)
+    model = InOutGatesLSTM()
+    handle = mt.attach(model, manifold="torus", sparsity=0.5, example_inputs=(sequence(),))
+    try:
+        handle.prune_now(0.5)
+        save_safetensors(handle, tmp_path / "u.safetensors")
+        meta = read_safetensors(tmp_path / "u.safetensors").metadata
+    finally:
+        handle.remove()
+    target = {t["name"]: t for t in meta["targets"]}["U"]
+    assert target["transposed"] is True and target["gates"] == 4 and target["shape"] == [H, 4 * H]
+    entry = {e["name"]: e for e in meta["entries"]}["U"]
+    assert entry["gate_axis"] == 1
 
 
 def test_conv_kernel_is_csr_of_out_by_in_times_kernel(tmp_path):
