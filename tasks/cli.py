@@ -107,7 +107,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"run folder: {config.out}", file=sys.stderr)
     try:
         summary = run(config, progress=not args.no_progress)
-    except (RunConfigError, RunFolderError) as error:  # a checkpoint made with other settings
+    except (RunConfigError, RunFolderError) as error:  # other settings recorded, or a run appeared there
         print(f"moduli-transform train: error: {error}", file=sys.stderr)
         return 2
     if is_main_process():  # under torchrun every rank returns the same summary

@@ -26,7 +26,6 @@ from safetensors.torch import load_file
 
 from .locality import run_locality
 from .navigation import CHANCE_LEVEL_CM
-from .progress import progress_bar
 from .ray_backend import split_finished
 from .run_folder import RunFolderError, claim_run_folder, continue_or_refuse
 from .runner import EMBEDDINGS_FILE, WEIGHTS_FILE, RunConfig, run
@@ -92,16 +91,15 @@ def _train_all(plans: list[RunConfig], finished: dict[int, dict[str, Any]], todo
         print(f"reusing {len(finished)} finished runs: {', '.join(plans[i].regularizer for i in finished)}")
     if todo:
         print(f"training {len(todo)} runs ({jobs} at a time): {', '.join(c.regularizer for c in todo)}", flush=True)
-        with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool, \
-                progress_bar(len(todo), desc="demo", unit="run", mode="log", stream=sys.stdout) as bar:
+        # Each run logs its own steps, time and eta (progress_bar in "log" mode, on stderr).
+        with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
             futures = {pool.submit(_train, config): config for config in todo}
-            for future in as_completed(futures):
+            for done, future in enumerate(as_completed(futures), 1):
                 config, summary = futures[future], future.result()
-                print(f"  {config.regularizer} finished in {summary['wall_time_s']:.0f} s: "
+                print(f"  run {done}/{len(todo)}: {config.regularizer} finished in {summary['wall_time_s']:.0f} s, "
                       f"{100 * summary['sparsity']:.0f}% sparse {summary['sparse_metric']:.1f} cm, "
                       f"lottery {summary['lottery_metric']:.1f} cm", flush=True)
                 summaries[config.out] = summary
-                bar.update(1)
     return [summaries[config.out] for config in plans]
 
 

@@ -580,9 +580,9 @@ def run(config: RunConfig, *, progress: bool | str = True, stop_after: int | Non
         ...
         moduli_transform.tasks.run_folder.RunFolderError: ... already holds a run; pass --resume ...
     """
-    resolve_mode(progress, sys.stderr)  # an unknown mode fails before any work
+    quiet = resolve_mode(progress, sys.stderr) == "off"  # an unknown mode fails before any work
     if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 alone owns the folder
-        _check_run_folder(config, overwrite, quiet=resolve_mode(progress, sys.stderr) == "off")
+        _check_run_folder(config, overwrite, quiet)
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)

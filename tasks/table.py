@@ -37,8 +37,8 @@ from .ray_backend import RunFailure, execute_ray, split_finished
 from .run_folder import continue_or_refuse
 from .runner import RunConfig, run
 
-__all__ = ["GRIDS", "PAPER_SPARSITIES", "plan_runs", "claim_runs", "execute", "aggregate", "format_markdown", "write_tables",
-           "run_table"]
+__all__ = ["GRIDS", "PAPER_SPARSITIES", "plan_runs", "claim_runs", "execute", "aggregate", "format_markdown",
+           "write_tables", "run_table"]
 
 PAPER_SPARSITIES = {"navigation": (0.9, 0.95), "adding": (0.9, 0.95), "language_model": (0.9, 0.95, 0.98)}
 EXTRA_SPARSITY = 0.99
