@@ -142,8 +142,8 @@ def _notes(summary: dict[str, Any], localities: Sequence[tuple[float, float] | N
     emptied = any(measured is not None and math.isnan(measured[0]) for measured in localities)
     return "\n".join([
         f"after dense epoch: test error after the first epoch ({phases['dense']} of {sparse_end} steps), before "
-        "any pruning; a snapshot early in training, not a fully trained dense model, so the sparse runs, "
-        f"trained {sparse_end} steps, are expected to beat it",
+        "any pruning; a snapshot early in training, not a fully trained dense model, so a sparse value "
+        f"below it (after {sparse_end} steps) is no paradox",
         f"{100 * summary['sparsity']:.0f}% sparse: after all {sparse_end} steps; lottery: the same mask retrained "
         f"from a random initialisation for {phases['lottery']} steps",
         "kept W_hh distance: mean torus distance between the neurons each kept recurrent weight joins, on the "
