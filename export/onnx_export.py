@@ -16,6 +16,11 @@ Sequence length:
   the report and in ``metadata_props``, and :func:`run_onnx` refuses other lengths with
   :class:`SequenceLengthError`.
 
+Which inputs have the time axis: the first input with a ``sequence_axis`` dimension is the
+sequence, and so is every input with the same length there; the others (a ``(B, D)`` start
+code, an initial state) keep their shape in the parity checks and in the graph
+(:func:`sequence_inputs`; the report's and the metadata's ``sequence_inputs`` list them).
+
 Gate order: PyTorch stacks LSTM gates as (i, f, g, o), ONNX as (i, o, f, c); GRU
 (r, z, n) vs ONNX (z, r, n). Every ONNX initializer that comes from one of our
 parameters is listed in the report (``mappings``) with the parameter names per direction
@@ -47,7 +52,7 @@ from .safetensors_format import atomic_write_bytes
 
 __all__ = [
     "OnnxExportError", "SequenceLengthError", "InitializerMapping", "OnnxExportReport",
-    "to_onnx", "run_onnx", "ONNX_GATE_PERMUTATION",
+    "to_onnx", "run_onnx", "sequence_inputs", "ONNX_GATE_PERMUTATION",
 ]
 
 METADATA_KEY = "moduli_transform"
@@ -115,6 +120,7 @@ class OnnxExportReport:
     masks: dict[str, Tensor]
     file_bytes: int
     sparse_initializers: list[str]
+    sequence_inputs: list[str] = field(default_factory=list)  # the inputs with a time axis
 
     @property
     def max_sequence_length(self) -> int | None:
@@ -127,6 +133,7 @@ class OnnxExportReport:
             "format_version": 1, "input_names": self.input_names, "output_names": self.output_names,
             "sequence_axis": self.sequence_axis, "traced_sequence_length": self.traced_sequence_length,
             "dynamic_sequence": self.dynamic_sequence, "max_sequence_length": self.max_sequence_length,
+            "sequence_inputs": self.sequence_inputs,
             "max_abs_error": {str(k): v for k, v in self.max_abs_error.items()},
             "mappings": [asdict(m) for m in self.mappings],
         }
@@ -168,16 +175,37 @@ def _default_sequence_axis(model: nn.Module) -> int:
     return 1
 
 
+def sequence_inputs(inputs: Sequence[Tensor], axis: int) -> list[bool]:
+    """Which inputs carry the time axis: those whose length on ``axis`` is the first such input's.
+
+    The first input with an ``axis`` dimension is the sequence; an input with another length
+    there (a ``(B, D)`` start code, an ``(L, B, H)`` initial state) has no time axis and keeps
+    its shape in the parity checks and in the exported graph.
+
+    Example:
+        >>> sequence_inputs([torch.zeros(2, 20, 3), torch.zeros(2, 256), torch.zeros(2, 20)], axis=1)
+        [True, False, True]
+    """
+    lengths = [int(x.shape[axis]) if x.dim() > axis else None for x in inputs]
+    traced = next((length for length in lengths if length is not None), None)
+    return [traced is not None and length == traced for length in lengths]
+
+
 def _resized(inputs: tuple[Tensor, ...], axis: int, length: int, seed: int) -> tuple[Tensor, ...]:
-    """Random inputs like ``inputs`` with ``length`` steps on ``axis`` (other tensors kept)."""
+    """Random inputs like ``inputs``, the sequence inputs with ``length`` steps on ``axis``.
+
+    Inputs without the time axis (see :func:`sequence_inputs`) get random values of their
+    own shape; inputs without an ``axis`` dimension at all are kept as they are.
+    """
     generator = torch.Generator().manual_seed(seed)
     out = []
-    for x in inputs:
+    for x, sequenced in zip(inputs, sequence_inputs(inputs, axis)):
         if x.dim() <= axis:
             out.append(x)
             continue
         shape = list(x.shape)
-        shape[axis] = length
+        if sequenced:
+            shape[axis] = length
         if x.is_floating_point():
             out.append(torch.randn(shape, generator=generator, dtype=x.dtype))
         else:
@@ -207,9 +235,9 @@ def _export_bytes(model: nn.Module, inputs: tuple[Tensor, ...], input_names: lis
                   output_names: list[str], sequence_axis: int, dynamic_sequence: bool, opset: int) -> bytes:
     batch_axis = 1 if sequence_axis == 0 else 0
     dynamic_axes = {}
-    for name, x in zip(input_names, inputs):
+    for name, x, sequenced in zip(input_names, inputs, sequence_inputs(inputs, sequence_axis)):
         axes = {batch_axis: f"{name}_batch"} if x.dim() > batch_axis else {}
-        if dynamic_sequence and x.dim() > sequence_axis:
+        if dynamic_sequence and sequenced:
             axes[sequence_axis] = "sequence"
         if axes:
             dynamic_axes[name] = axes
@@ -389,9 +417,10 @@ def run_onnx(path: str | os.PathLike, inputs: Any) -> list[np.ndarray]:
     meta = _metadata_of(session)
     feeds = _as_numpy(inputs, meta["input_names"])
     limit, axis = meta["max_sequence_length"], meta["sequence_axis"]
+    sequenced = meta.get("sequence_inputs", list(feeds))  # files written before it was recorded: all
     if limit is not None:
         for name, value in feeds.items():
-            if value.ndim > axis and value.shape[axis] != limit:
+            if name in sequenced and value.ndim > axis and value.shape[axis] != limit:
                 raise SequenceLengthError(
                     f"input {name!r} has {value.shape[axis]} steps on axis {axis}, but this graph was "
                     f"traced (loop unrolled) at exactly {limit} steps; split or pad the sequence to "
@@ -479,7 +508,8 @@ def to_onnx(model: Any, example_inputs: Any, path: str | os.PathLike, *,
     report = OnnxExportReport(
         path=os.fspath(path), opset=opset, input_names=names, output_names=outputs, sequence_axis=axis,
         traced_sequence_length=traced_length, dynamic_sequence=dynamic, max_abs_error=errors,
-        mappings=mappings, masks=onnx_masks, file_bytes=0, sparse_initializers=sparse_names)
+        mappings=mappings, masks=onnx_masks, file_bytes=0, sparse_initializers=sparse_names,
+        sequence_inputs=[name for name, sequenced in zip(names, sequence_inputs(inputs, axis)) if sequenced])
     entry = model_proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(report.metadata(), sort_keys=True)
     # onnx's shape inference types sparse initializers as sparse_tensor and rejects them as

@@ -112,7 +112,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"run folder: {config.out} (device {device})", file=sys.stderr)
     try:
         summary = run(config, progress=not args.no_progress, device=device)
-    except RunConfigError as error:  # a checkpoint made with other settings
+    except (RunConfigError, RunFolderError) as error:  # other settings recorded, or a run appeared there
         print(f"moduli-transform train: error: {error}", file=sys.stderr)
         return 2
     if is_main_process():  # under torchrun every rank returns the same summary
@@ -164,4 +164,8 @@ def _table(args: argparse.Namespace) -> int:
         print(f"moduli-transform table: error: {error}", file=sys.stderr)
         return 2
     args.out = args.out or f"runs/table-{args.task}"
-    return int(run_table(args) or 0)
+    try:
+        return int(run_table(args) or 0)
+    except RunFolderError as error:  # a planned run folder holds another run: refused before any training
+        print(f"moduli-transform table: error: {error}", file=sys.stderr)
+        return 2

@@ -10,6 +10,10 @@ Before a command trains into ``--out`` it calls :func:`claim_run_folder`:
 
 The refusal is one line naming ``--resume``, ``--overwrite`` and a free folder name.
 
+Commands that fill many run folders from a plan (``table``, ``demo``) call
+:func:`continue_or_refuse` per folder instead: a run with the plan's settings there is
+continued from its checkpoints, a run with other settings is refused, never replaced.
+
 Example:
     >>> import tempfile
     >>> root = Path(tempfile.mkdtemp())
@@ -26,10 +30,13 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunFolderError", "claim_run_folder", "free_name", "holds_run", "recorded_identity"]
+from .ray_backend import same_recorded_run
+
+__all__ = ["RunFolderError", "claim_run_folder", "continue_or_refuse", "free_name", "holds_run", "recorded_identity"]
 
 # What a run writes; any of them present means the folder holds (part of) a run.
 RUN_FILES = ("config.json", "summary.json", "metrics.jsonl", "checkpoints", "weights.safetensors")
@@ -107,3 +114,42 @@ def claim_run_folder(out: str | Path, identity: dict[str, Any], *, resume: bool,
         return []
     raise RunFolderError(f"{out} already holds a run; pass --resume to continue it, --overwrite to move it "
                          f"aside to {out}.old-<timestamp>, or --out {free_name(out)}")
+
+
+def _changed_settings(config: Any, out: Path) -> str:
+    """The fields in which the run recorded in ``out`` differs from ``config`` (for messages)."""
+    try:
+        recorded = type(config).from_dict(json.loads((out / "config.json").read_text())["run"]).to_dict()
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its config.json is missing or unreadable"
+    planned = config.to_dict()
+    changed = sorted(k for k in planned if k not in ("threads", "resume", "out") and recorded.get(k) != planned[k])
+    return f"other {', '.join(changed)}"
+
+
+def continue_or_refuse(config: Any, remedy: str) -> Any:
+    """The plan to train into ``config.out`` without replacing a run that is already there.
+
+    Args:
+        config: a :class:`~moduli_transform.tasks.runner.RunConfig` (anything with
+            ``out``, ``resume``, ``threads``, ``to_dict`` and ``from_dict``).
+        remedy: what the user can do instead, ending the refusal (``"move it away or pass another --out"``).
+
+    Returns:
+        ``config`` itself when ``out`` holds no run; when it holds a run with the same
+        settings (partial, or finished without a readable summary), ``config`` with
+        ``resume=True`` and the recorded ``threads``, so its checkpoints are continued.
+
+    Raises:
+        RunFolderError: ``out`` is a file, or holds a run with other settings (the error names them).
+    """
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"{out} is a file, not a run folder; {remedy}")
+    if not holds_run(out):
+        return config
+    if not same_recorded_run(config, out):
+        raise RunFolderError(f"{out} holds another run ({_changed_settings(config, out)}); it is never replaced: "
+                             f"{remedy}")
+    recorded = recorded_identity(out) or {}
+    return replace(config, resume=True, threads=recorded.get("threads", config.threads))

@@ -45,7 +45,7 @@ import io
 import json
 import os
 import random
-import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -55,7 +55,6 @@ import numpy
 import torch
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from moduli_transform.config import GRANULARITIES
 from moduli_transform.device import resolve_device, to_device
@@ -65,9 +64,11 @@ from moduli_transform.distributed import (backend_for, barrier, init_distributed
 from . import LOTTERY_EMBEDDINGS, TASKS, Preset, Task, get_task
 from .checkpoint import (capture_training_state, flatten_state, load_checkpoint, restore_training_state,
                          save_checkpoint, unflatten_state)
+from .progress import progress_bar, resolve_mode
+from .run_folder import RunFolderError, claim_run_folder, holds_run
 
 __all__ = ["RunConfig", "RunConfigError", "RunInterrupted", "Phases", "LinearRamp", "EpochRamp", "run",
-           "tail_mean", "SUMMARY_KEYS", "METRIC_KEYS", "REGULARIZERS"]
+           "initial_embeddings", "tail_mean", "SUMMARY_KEYS", "METRIC_KEYS", "REGULARIZERS"]
 
 # Run regularizer -> (handle control, L1 constant): "l1" is the authors' "standard" L1
 # (coefficient 1), "l1-mean" their --regpower mean, "l1-matched" ours (same mean as moduli's C).
@@ -495,14 +496,14 @@ class _Run:
             self.task.reset()
         return valid
 
-    def train(self, progress: bool, stop_after: int | None) -> None:
+    def train(self, progress: bool | str, stop_after: int | None) -> None:
         metrics_path = self.out / "metrics.jsonl"
         main = is_main_process()
         with (open(metrics_path, "r+" if metrics_path.exists() else "w") if main else io.StringIO()) as file:
             file.truncate(self.progress.metrics_bytes)
             file.seek(self.progress.metrics_bytes)
-            bar = tqdm(total=self.phases.total, initial=self.progress.step, disable=not (progress and main),
-                       desc=f"{self.config.task}/{self.config.regularizer}", dynamic_ncols=True)
+            bar = progress_bar(self.phases.total, initial=self.progress.step, mode=progress if main else "off",
+                               desc=f"{self.config.task}/{self.config.regularizer}")
             with bar:
                 resumed_at = time.perf_counter() - self.progress.wall_time_s
                 while self.progress.step < self.phases.total:
@@ -552,17 +553,22 @@ class _Run:
                 "task": self.task.describe(), "torch": torch.__version__}
 
 
-def run(config: RunConfig, *, progress: bool = True, stop_after: int | None = None,
-        device: str | torch.device = "cpu") -> dict[str, Any]:
+def run(config: RunConfig, *, progress: bool | str = True, stop_after: int | None = None,
+        overwrite: bool = False, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Train, prune and (optionally) retrain the lottery ticket; write the run directory.
+
+    A run folder is never cleared: ``config.out`` must be missing or empty, or hold this
+    very run (``config.resume``), or be moved aside first (``overwrite``).
 
     Args:
         config: the run. With ``config.resume`` the newest checkpoint in
-            ``<out>/checkpoints`` is continued (a fresh start when there is none);
-            without it, old checkpoints in ``out`` are deleted first.
-        progress: show a tqdm progress bar with the latest validation metric.
+            ``<out>/checkpoints`` is continued (a fresh start when there is none).
+        progress: ``True``/``"auto"``: a tqdm bar with the latest validation metric when
+            stderr is a terminal, else a log line every 10% or 30 s; ``"bar"``, ``"log"``,
+            or ``False``/``"off"`` (see :mod:`moduli_transform.tasks.progress`).
         stop_after: stop (raise :class:`RunInterrupted`) once this many steps are done,
             as a crash would; checkpoints already written stay. For tests.
+        overwrite: move a run already in ``out`` aside to ``<out>.old-<timestamp>`` (never deleted).
         device: where to train (:func:`moduli_transform.device.resolve_device`: ``"auto"``,
             ``"cpu"``, ``"cuda"``, ``"cuda:N"``). Not part of the run's identity (not in
             ``config``): a run started on one device resumes on another, and a finished run
@@ -573,10 +579,24 @@ def run(config: RunConfig, *, progress: bool = True, stop_after: int | None = No
         and the measured sparsity at each evaluation point).
 
     Raises:
-        RunConfigError: resuming with options different from the checkpoint's.
+        RunFolderError: ``out`` already holds a run and neither ``resume`` nor ``overwrite``
+            is given (the message names both), or ``out`` is a file.
+        RunConfigError: resuming a run made with other options.
         DeviceError: an unknown device, or CUDA asked for where there is none.
+
+    Example:
+        >>> import tempfile
+        >>> out = Path(tempfile.mkdtemp()) / "r1"
+        >>> _ = out.mkdir(), (out / "summary.json").write_text("{}")
+        >>> run(RunConfig(task="adding", preset="test", out=str(out)), progress=False)
+        Traceback (most recent call last):
+        ...
+        moduli_transform.tasks.run_folder.RunFolderError: ... already holds a run; pass --resume ...
     """
     resolved = resolve_device(device)
+    quiet = resolve_mode(progress, sys.stderr) == "off"  # an unknown mode fails before any work
+    if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 alone owns the folder
+        _check_run_folder(config, overwrite, quiet)
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -586,16 +606,58 @@ def run(config: RunConfig, *, progress: bool = True, stop_after: int | None = No
         torch.set_num_threads(threads)
 
 
-def _run(config: RunConfig, progress: bool, stop_after: int | None, device: torch.device) -> dict[str, Any]:
+def _check_run_folder(config: RunConfig, overwrite: bool, quiet: bool) -> None:
+    """The run-folder rule before any work (:func:`~moduli_transform.tasks.run_folder.claim_run_folder`);
+    on ``resume`` the folder's recorded settings must be the run's."""
+    out = Path(config.out)
+    if config.resume:
+        if overwrite:
+            raise RunFolderError("resume and overwrite contradict each other; pass one of them")
+        recorded = _recorded_config(out)
+        if holds_run(out) and recorded != config.identity():
+            what = "records no readable settings (config.json)" if recorded is None else \
+                "was made with other settings (" + ", ".join(
+                    sorted(k for k, v in config.identity().items() if recorded.get(k) != v)) + ")"
+            raise RunConfigError(f"cannot resume {out}: it {what}; use another --out or the same options")
+        return
+    for note in claim_run_folder(out, config.identity(), resume=False, overwrite=overwrite):
+        if not quiet:
+            print(note, file=sys.stderr)
+
+
+def _recorded_config(out: Path) -> dict[str, Any] | None:
+    """The identity of the run recorded in ``out/config.json``, fields added since at their defaults."""
+    try:
+        return RunConfig.from_dict(json.loads((out / "config.json").read_text())["run"]).identity()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def initial_embeddings(config: RunConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each target's neuron coordinates ``(rows, cols)`` as run ``config`` starts.
+
+    With fixed embeddings these are the ones the run regularizes and prunes with; the
+    lottery may redraw them (``lottery_embedding="redraw"``), after which the run's
+    ``embeddings.safetensors`` holds the new ones. Rebuilt from the run's seed (the model
+    and handle are built as :func:`run` builds them; nothing is trained or written).
+    """
+    state = _Run(config)
+    try:
+        return {name: (regularizer.row_embedding.detach().clone(), regularizer.col_embedding.detach().clone())
+                for name, regularizer in state.handle.regularizers.items()}
+    finally:
+        state.handle.remove()
+
+
+def _run(config: RunConfig, progress: bool | str, stop_after: int | None, device: torch.device) -> dict[str, Any]:
     state = _Run(config, device)
     main = is_main_process()  # rank 0 alone writes the run directory
     if main:
         state.out.mkdir(parents=True, exist_ok=True)
     try:
         resumed = config.resume and state.restore()
-        barrier()  # no rank reads checkpoints rank 0 is about to clear
-        if main and not resumed:
-            shutil.rmtree(state.checkpoints, ignore_errors=True)
+        barrier()  # no rank reads the metrics file rank 0 is about to restart
+        if main and not resumed:  # a fresh start: the folder is empty or this run's own, without a checkpoint
             (state.out / "metrics.jsonl").unlink(missing_ok=True)
         if main:
             _atomic_json(state.out / "config.json", state.resolved_config())

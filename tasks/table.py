@@ -7,6 +7,11 @@ Grids (each at the task's paper sparsity levels plus 99%, every cell over ``seed
 * ``manifolds``: torus, circle, sphere, Klein bottle, 6-torus (moduli);
 * ``embeddings``: fixed vs trained embeddings on the torus and on R^3 (moduli).
 
+Run folders are never replaced: a folder that holds a partial run with the plan's settings
+is continued from its checkpoints, and one that holds another run (other settings, or no
+readable config) stops the sweep before any training, with one line naming it
+(:func:`~moduli_transform.tasks.run_folder.continue_or_refuse`).
+
 Every variant also gets a dense baseline: a separate full-length run at sparsity 0
 (``<out>/<variant>-dense-seed<seed>``, no lottery). Runs land in
 ``<out>/<variant>-s<sparsity>-seed<seed>``; a run whose ``summary.json`` exists is reused, so
@@ -23,20 +28,20 @@ import argparse
 import csv
 import functools
 import statistics
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from tqdm import tqdm
-
 from moduli_transform.device import process_context, resolve_device
 
+from .progress import progress_bar
 from .ray_backend import RunFailure, execute_ray, split_finished
+from .run_folder import continue_or_refuse
 from .runner import RunConfig, run
 
-__all__ = ["GRIDS", "PAPER_SPARSITIES", "plan_runs", "execute", "aggregate", "format_markdown", "write_tables",
-           "run_table"]
+__all__ = ["GRIDS", "PAPER_SPARSITIES", "plan_runs", "claim_runs", "execute", "aggregate", "format_markdown",
+           "write_tables", "run_table"]
 
 PAPER_SPARSITIES = {"navigation": (0.9, 0.95), "adding": (0.9, 0.95), "language_model": (0.9, 0.95, 0.98)}
 EXTRA_SPARSITY = 0.99
@@ -87,6 +92,23 @@ def _run_quietly(config: RunConfig, device: str = "cpu") -> dict[str, Any]:
     return run(config, progress=False, device=device)
 
 
+TABLE_REMEDY = "move it away, or pass another --out for this table"
+
+
+def claim_runs(configs: Sequence[RunConfig]) -> list[RunConfig]:
+    """The configs to execute under the run-folder rule: finished runs as they are, a partial
+    run with the same settings resumed, a folder holding another run refused.
+
+    Raises:
+        RunFolderError: a planned folder holds another run (before any run starts).
+    """
+    finished, pending = split_finished(configs)
+    claimed = list(configs)
+    for index in pending:
+        claimed[index] = continue_or_refuse(configs[index], TABLE_REMEDY)
+    return claimed
+
+
 def execute(configs: Sequence[RunConfig], backend: str = "local", jobs: int = 1, address: str | None = None,
             cpus_per_run: float = 1, gpus_per_run: float | None = None, device: str = "cpu"
             ) -> list[dict | RunFailure]:
@@ -94,24 +116,29 @@ def execute(configs: Sequence[RunConfig], backend: str = "local", jobs: int = 1,
 
     On Ray a cuda device reserves ``gpus_per_run`` GPUs per run (default 1; 0 for cpu) and
     each run trains on the GPU Ray gives it.
+
+    Raises:
+        RunFolderError: a planned run folder holds another run (see :func:`claim_runs`).
     """
+    if backend not in ("local", "ray"):
+        raise ValueError(f"unknown backend {backend!r}; expected one of local, ray")
     resolved = resolve_device(device)
     cuda = resolved.type == "cuda"
     if backend == "ray":
         configs = [replace(c, threads=c.threads or max(1, int(cpus_per_run))) for c in configs]
         gpus = (1 if cuda else 0) if gpus_per_run is None else gpus_per_run
         run_fn = functools.partial(_run_quietly, device="cuda" if cuda else "cpu")
-        return execute_ray(configs, run_fn, address, cpus_per_run, gpus)
-    if backend != "local":
-        raise ValueError(f"unknown backend {backend!r}; expected one of local, ray")
-    finished, pending = split_finished(configs)
-    results: list[Any] = [finished.get(i) for i in range(len(configs))]
+        return execute_ray(claim_runs(configs), run_fn, address, cpus_per_run, gpus)
     if jobs > 1:  # one thread per run: small RNNs train fastest that way on a shared CPU
         configs = [replace(c, threads=c.threads or 1) for c in configs]
+    configs = claim_runs(configs)
+    finished, pending = split_finished(configs)
+    results: list[Any] = [finished.get(i) for i in range(len(configs))]
     with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=process_context(resolved)) as pool, \
-            tqdm(total=len(pending), desc="runs") as bar:
-        futures = {index: pool.submit(_run_quietly, configs[index], str(resolved)) for index in pending}
-        for index, future in futures.items():
+            progress_bar(len(pending), desc="runs", unit="run", mode="auto" if pending else "off") as bar:
+        futures = {pool.submit(_run_quietly, configs[index], str(resolved)): index for index in pending}
+        for future in as_completed(futures):
+            index = futures[future]
             try:
                 results[index] = future.result()
             except Exception as error:  # one failed run does not stop the sweep

@@ -101,6 +101,18 @@ def test_existing_run_is_never_replaced(tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["seed"] == 1
 
 
+def test_table_refuses_a_run_folder_with_another_run(tmp_path, capsys):
+    out = tmp_path / "table"
+    assert _call(TRAIN + ["--out", str(out / "moduli-s0.5-seed0"), "--seed", "3"], capsys)[0] == 0
+    before = (out / "moduli-s0.5-seed0" / "summary.json").read_text()
+    status, _, err = _call(["table", "adding", "--preset", "test", "--seeds", "1", "--sparsities", "0.5",
+                            "--steps", "6", "--out", str(out)], capsys)
+    assert status == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "moduli-s0.5-seed0 holds another run (other lottery, seed)" in err
+    assert (out / "moduli-s0.5-seed0" / "summary.json").read_text() == before
+    assert sorted(p.name for p in out.iterdir()) == ["moduli-s0.5-seed0"]  # nothing trained
+
+
 def test_train_export_bench_path(tmp_path, capsys):
     out = tmp_path / "run"
     assert _call(TRAIN + ["--out", str(out)], capsys)[0] == 0
@@ -144,7 +156,7 @@ def test_demo_quick_has_its_own_folder_and_refuses_a_foreign_run(tmp_path, capsy
     (foreign / "summary.json").write_text("{}")
     status = run_demo(parser.parse_args(["demo", "--quick"]))
     err = capsys.readouterr().err
-    assert status == 2 and "runs/demo-quick/moduli already holds a run" in err and "--fresh" in err
+    assert status == 2 and "runs/demo-quick/moduli holds another run" in err and "--fresh" in err
     assert len(err.strip().splitlines()) == 1
     assert (foreign / "summary.json").read_text() == "{}"
     assert not (tmp_path / "runs" / "demo").exists()

@@ -226,3 +226,66 @@ def test_onnx_file_keeps_the_umask(tmp_path):
     finally:
         os.umask(previous)
     assert (tmp_path / "rnn.onnx").stat().st_mode & 0o777 == 0o644
+
+
+class _StartCoded(nn.Module):
+    """The navigation model's shape: a (B, T, 2) sequence and a (B, D) start code as the initial state."""
+
+    def __init__(self, code: int = 7, hidden: int = 5, fused: bool = True) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(code, hidden, bias=False)
+        self.fused = fused
+        self.rnn = nn.RNN(2, hidden, batch_first=True) if fused else nn.RNNCell(2, hidden)
+        self.decoder = nn.Linear(hidden, 3)
+
+    def forward(self, x: torch.Tensor, start_code: torch.Tensor) -> torch.Tensor:
+        state = self.encoder(start_code)
+        if self.fused:
+            states, _ = self.rnn(x, state[None])
+        else:
+            steps = []
+            for t in range(x.shape[1]):
+                state = self.rnn(x[:, t], state)
+                steps.append(state)
+            states = torch.stack(steps, 1)
+        return self.decoder(states)
+
+
+def test_input_without_time_axis_keeps_its_shape(tmp_path):
+    torch.manual_seed(0)
+    model = _StartCoded().eval()
+    x, code = torch.randn(2, 4, 2), torch.randn(2, 7)
+    path = tmp_path / "coded.onnx"
+    report = to_onnx(model, (x, code), path)
+    assert report.sequence_inputs == ["input_0"] and report.dynamic_sequence
+    assert set(report.max_abs_error) == {4, 7} and max(report.max_abs_error.values()) <= 1e-5
+    proto = onnx.load(str(path))
+    code_dims = [d.dim_value or d.dim_param for d in proto.graph.input[1].type.tensor_type.shape.dim]
+    assert code_dims == ["input_1_batch", 7]  # the code's width stays fixed, only its batch is dynamic
+    for length in (1, 11):
+        x, code = torch.randn(3, length, 2), torch.randn(3, 7)
+        with torch.no_grad():
+            expected = model(x, code).numpy()
+        assert np.max(np.abs(run_onnx(path, (x, code))[0] - expected)) <= 1e-5
+
+
+def test_fixed_length_export_checks_only_the_sequence_input(tmp_path):
+    torch.manual_seed(0)
+    model = _StartCoded(fused=False).eval()
+    path = tmp_path / "coded-cell.onnx"
+    report = to_onnx(model, (torch.randn(2, 4, 2), torch.randn(2, 7)), path)
+    assert not report.dynamic_sequence and report.max_sequence_length == 4
+    assert report.sequence_inputs == ["input_0"]
+    x, code = torch.randn(2, 4, 2), torch.randn(2, 7)  # the code's 7 columns are not 7 steps
+    with torch.no_grad():
+        assert np.max(np.abs(run_onnx(path, (x, code))[0] - model(x, code).numpy())) <= 1e-5
+    with pytest.raises(SequenceLengthError, match="'input_0' has 6 steps"):
+        run_onnx(path, (torch.randn(2, 6, 2), code))
+
+
+def test_sequence_inputs_are_those_with_the_sequence_length():
+    from moduli_transform.export.onnx_export import sequence_inputs
+
+    assert sequence_inputs([torch.zeros(2, 9, 2), torch.zeros(2, 256)], axis=1) == [True, False]
+    assert sequence_inputs([torch.zeros(3), torch.zeros(2, 9, 2), torch.zeros(4, 9)], axis=1) == [False, True, True]
+    assert sequence_inputs([torch.zeros(9, 2, 2), torch.zeros(1, 2, 5)], axis=0) == [True, False]

@@ -130,6 +130,44 @@ def test_resume_refuses_other_settings(tmp_path):
         run(RunConfig.from_dict({**config.to_dict(), "resume": True, "sparsity": 0.8}), progress=False)
 
 
+def test_run_never_clears_a_run_folder_it_did_not_make(tmp_path):
+    from moduli_transform.tasks.run_folder import RunFolderError
+
+    config = _config(tmp_path, lottery=False)
+    first = run(config, progress=False)
+    out = tmp_path / "run"
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert any(p.parts[0] == "checkpoints" for p in before)
+    for again in (config, RunConfig.from_dict({**config.to_dict(), "seed": 1})):  # the same settings too
+        with pytest.raises(RunFolderError, match=r"already holds a run; pass --resume .* --overwrite"):
+            run(again, progress=False)
+    with pytest.raises(RunConfigError, match=r"cannot resume .*other settings \(seed\)"):
+        run(RunConfig.from_dict({**config.to_dict(), "seed": 1, "resume": True}), progress=False)
+    with pytest.raises(RunFolderError, match="contradict"):
+        run(RunConfig.from_dict({**config.to_dict(), "resume": True}), progress=False, overwrite=True)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    second = run(RunConfig.from_dict({**config.to_dict(), "seed": 1}), progress=False, overwrite=True)
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(moved) == 1  # the old run moved aside, every file kept
+    assert {p.relative_to(moved[0]): p.read_bytes() for p in moved[0].rglob("*") if p.is_file()} == before
+    assert second["seed"] == 1 and first["seed"] == 0
+    assert json.loads((out / "summary.json").read_text())["seed"] == 1
+
+
+def test_run_into_an_empty_folder_and_resume_without_checkpoint(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run(_config(tmp_path, "empty", lottery=False), progress=False)["steps"] > 0
+    fresh = run(_config(tmp_path, "fresh", lottery=False, resume=True), progress="log")
+    assert json.loads((tmp_path / "fresh" / "summary.json").read_text()) == fresh
+    err = capsys.readouterr().err
+    assert f"adding/moduli: step {fresh['steps']}/{fresh['steps']} (100%)" in err  # the log fallback under pytest
+    with pytest.raises(ValueError, match="unknown progress mode 'loud'"):
+        run(_config(tmp_path, "loud"), progress="loud")
+    assert not (tmp_path / "loud").exists()
+
+
 # -- learning ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_adding_problem_learns(tmp_path):

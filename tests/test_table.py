@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from dataclasses import replace
+
+from moduli_transform.tasks.checkpoint import list_checkpoints
 from moduli_transform.tasks.figures import persistence_diagram
+from moduli_transform.tasks.run_folder import RunFolderError
+from moduli_transform.tasks.runner import RunInterrupted, run
 from moduli_transform.tasks.table import aggregate, execute, format_markdown, plan_runs, run_table
 
 
@@ -48,7 +53,7 @@ def test_aggregate_gives_mean_and_std_in_the_paper_layout(tmp_path):
     assert table[4].startswith("| 90% Lottery | 2 (0) 0/2 |")
 
 
-def test_execute_skips_finished_runs_and_reruns_missing_ones(tmp_path):
+def test_execute_reuses_finished_runs_and_refuses_a_foreign_one(tmp_path):
     plans = plan_runs("adding", "test", "controls", 1, [0.5], tmp_path, steps=6)
     configs = [config for _, config in plans]
     fake = {"dense_metric": 7.0, "sparse_metric": 7.0}
@@ -58,12 +63,37 @@ def test_execute_skips_finished_runs_and_reruns_missing_ones(tmp_path):
         recorded = {**config.to_dict(), "steps": recorded_steps, "threads": 3}  # threads may differ
         (finished / "config.json").write_text(json.dumps({"run": recorded}))
         (finished / "summary.json").write_text(json.dumps(fake))
+    foreign = {p.name: p.read_text() for p in Path(configs[1].out).iterdir()}
+    with pytest.raises(RunFolderError, match=r"moduli-dense-seed0 holds another run \(other steps\); it is never "
+                                             r"replaced: move it away"):
+        execute(configs[1:], jobs=1)
+    assert {p.name: p.read_text() for p in Path(configs[1].out).iterdir()} == foreign
+    assert not any(Path(c.out).exists() for c in configs[2:])  # refused before any run started
+    Path(configs[1].out, "config.json").unlink()  # no readable settings: still another run
+    with pytest.raises(RunFolderError, match="config.json is missing or unreadable"):
+        execute(configs, jobs=1)
+
+    Path(configs[1].out, "summary.json").unlink()
+    Path(configs[1].out).rmdir()
     results = execute(configs, jobs=1)
     assert results[0] == fake  # same config: reused, not retrained
-    assert results[1] != fake  # another config (steps=9) in the directory: trained again
     for config, result in zip(configs[1:], results[1:]):
-        assert json.loads((tmp_path / config.out.split("/")[-1] / "summary.json").read_text()) == result
+        assert json.loads((Path(config.out) / "summary.json").read_text()) == result
         assert result["sparsity"] == config.sparsity
+
+
+def test_execute_continues_a_partial_run_with_its_settings(tmp_path):
+    plans = plan_runs("adding", "test", "controls", 1, [0.5], tmp_path / "table", steps=9)
+    config = plans[0][1]
+    with pytest.raises(RunInterrupted):  # as a sweep with --jobs 2 (one thread per run) killed mid-run
+        run(replace(config, threads=1), progress=False, stop_after=7)
+    assert list_checkpoints(Path(config.out) / "checkpoints")
+    [result] = execute([config], jobs=1)
+    whole = run(replace(config, threads=1, out=str(tmp_path / "whole")), progress=False)
+    recorded = json.loads((Path(config.out) / "config.json").read_text())["run"]
+    assert recorded["resume"] is True and recorded["threads"] == 1
+    for key in ("dense_metric", "sparse_metric", "lottery_metric", "steps"):
+        assert result[key] == whole[key]
 
 
 def test_run_table_writes_markdown_and_csv(tmp_path):
