@@ -89,10 +89,14 @@ def to_device(tree: Any, device: str | torch.device) -> Any:
     return tree
 
 
-def process_context(device: str | torch.device) -> BaseContext | None:
-    """The multiprocessing context for worker processes that use ``device``.
+def process_context(device: str | torch.device) -> BaseContext:
+    """The multiprocessing context for worker processes that use ``device``: ``spawn``.
 
-    ``spawn`` for CUDA (a forked child cannot use CUDA once the parent has touched it),
-    None (the platform default) otherwise, so CPU runs start their workers as before.
+    A forked child cannot use CUDA once the parent has touched it, and on the CPU a child
+    forked after the parent ran an OpenMP-parallel op (MKL's vectorised sqrt, say) can wait
+    forever in libgomp on the parent's thread pool, which does not exist in the child (seen
+    here: a table worker hung in ``torch.sqrt``). A fresh interpreter per worker costs an
+    import of torch and avoids both. ``device`` is kept for callers that may choose per device.
     """
-    return multiprocessing.get_context("spawn") if torch.device(device).type == "cuda" else None
+    torch.device(device)  # an invalid device still fails here, as before
+    return multiprocessing.get_context("spawn")
