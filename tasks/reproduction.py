@@ -300,6 +300,11 @@ def _statements(records: Sequence[dict], task: str, key: str, higher: bool) -> l
                 text += f" The margin over {runner_up} is within the seeds' spread (or one seed): the ordering is not settled."
             else:
                 text += f" The margin over {runner_up} exceeds the seeds' spread: the ordering {'holds' if best == 'moduli' else 'does not hold'}."
+        threshold = get_task(task).learned_threshold
+        if threshold is not None and not any(_learned(v, threshold, higher)
+                                             for r in means for v in _values(records, r, sparsity, key)):
+            text += (f" No seed of any control learned the task here ({'none above' if higher else 'all above'} "
+                     f"{threshold:g}): the ordering ranks models that failed.")
         seeds = {len(_values(records, r, sparsity, key)) for r in means}
         if min(seeds) < 3:
             text += f" (fewer than 3 seeds in some cells: {min(seeds)})"
