@@ -38,6 +38,14 @@ def test_every_preset_prunes_and_retrains_as_the_authors(name):
     assert preset.steps == preset.epochs * preset.steps_per_epoch
 
 
+def test_cpu_recurrent_preset_differs_from_cpu_only_in_pruning_w_hh_alone():
+    from dataclasses import asdict
+
+    cpu, recurrent = asdict(PRESETS["cpu"]), asdict(PRESETS["cpu-recurrent"])
+    assert {k for k in cpu if cpu[k] != recurrent[k]} == {"scope", "prune_also"}
+    assert (recurrent["scope"], tuple(recurrent["prune_also"])) == ("per_tensor", ())
+
+
 def test_cpu_preset_sizes():
     preset = PRESETS["cpu"]
     assert (preset.place_cells, preset.grid_cells, preset.batch_size, preset.sequence_length) == (256, 256, 100, 20)
