@@ -238,13 +238,15 @@ def _torch_threads(count: int) -> Iterator[None]:
 def thread_pools(threads: int | None = None) -> Iterator[int]:
     """Run the block with ``threads`` threads in PyTorch's and numba's pools; restore both.
 
-    PyTorch and numba each bring an OpenMP runtime with its own worker threads, and a
-    worker left spinning in one pool takes a core from the other. The runtime therefore
-    owns the counts for its own calls: both pools get ``threads`` (``None``: PyTorch's
-    current count), and ``1`` makes every operation of the call run on the calling
-    thread (the tile kernels then run their serially compiled copies). Inside, a layer run
-    by the tile kernels does its dense input projection on one PyTorch thread, so that no
-    PyTorch worker spins while numba's threads run the recurrence. Yields the count.
+    Numba's OpenMP layer and PyTorch each bring an OpenMP runtime; which one numba's
+    calls reach depends on the load order (with PyTorch imported first they share
+    PyTorch's, and numba's ``set_num_threads`` then changes PyTorch's count too). Either
+    way the runtime owns the counts for its own calls: both get ``threads`` (``None``:
+    PyTorch's current count) and both are restored after, PyTorch's last. ``1`` makes
+    every operation of the call run on the calling thread (the tile kernels then run
+    their serially compiled copies). Inside, a layer run by the tile kernels does its
+    dense input projection on one PyTorch thread, so that no PyTorch worker is left
+    spinning while numba's threads run the recurrence. Yields the count used.
 
     Example:
         >>> before = torch.get_num_threads()
@@ -255,14 +257,15 @@ def thread_pools(threads: int | None = None) -> Iterator[int]:
     """
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise RuntimeConfigError(f"threads must be a positive integer or None, got {threads!r}")
-    count = torch.get_num_threads() if threads is None else threads
-    numba_before = numba_kernels.get_threads()
+    torch_before, numba_before = torch.get_num_threads(), numba_kernels.get_threads()
+    count = torch_before if threads is None else threads
     numba_kernels.set_threads(count)
+    torch.set_num_threads(count)
     try:
-        with _torch_threads(count):
-            yield count
+        yield count
     finally:
         numba_kernels.set_threads(numba_before)
+        torch.set_num_threads(torch_before)
 
 
 @register_kernel("tiles")

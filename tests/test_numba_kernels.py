@@ -159,3 +159,38 @@ def test_one_step_product_equals_dense():
     kernel = TileKernel(weight)
     h, u = torch.randn(32, 5), torch.randn(64, 5)
     assert _max_error(kernel(u, h), u + weight @ h) <= 1e-5
+
+
+@pytest.mark.parametrize("kernel", ["dense", "tiles", "auto"])
+@pytest.mark.parametrize("threads", [1, 2, None])
+def test_a_call_leaves_both_thread_counts_as_they_were(kernel, threads):
+    # numba's OpenMP calls may reach PyTorch's runtime: setting one can move the other, so
+    # start from different counts in the two pools
+    module = _tile_pruned(nn.LSTM, 1, True, hidden=32)
+    saved = torch.get_num_threads()
+    numba_kernels.set_threads(numba_kernels.max_threads())
+    torch.set_num_threads(1)
+    before = (torch.get_num_threads(), numba_kernels.get_threads())
+    try:
+        SparseRNN.from_module(module, kernel=kernel, threads=threads)(torch.randn(3, 2, 5))
+        assert (torch.get_num_threads(), numba_kernels.get_threads()) == before
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_first_call_in_a_fresh_process_keeps_pytorchs_count():
+    # as in a bench worker: pinned to one core, PyTorch at one thread, then numba's threading
+    # layer starts inside the call and sets the OpenMP count PyTorch reads as well
+    import subprocess
+    import sys
+
+    script = (
+        "import torch; from torch import nn\n"
+        "from moduli_transform.export.bench import _pin_threads\n"
+        "from moduli_transform.export.sparse_runtime import SparseRNN\n"
+        "_pin_threads(1); torch.ones(200_000).sum()\n"
+        "SparseRNN.from_module(nn.GRU(3, 32), kernel='dense', threads=1)(torch.randn(2, 1, 3))\n"
+        "print(torch.get_num_threads())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.split()[-1] == "1"
