@@ -17,8 +17,9 @@ whole tile at any batch size.
   i, f, g, o; GRU r, z, n with ``b_hn`` inside ``r * (W_hn h + b_hn)``).
 
 Every sequence runs all ``T`` steps in one call, so nothing returns to Python between
-steps. States are column blocks ``(hidden, batch)`` (float32, C-contiguous), as in
-:mod:`moduli_transform.export.sparse_runtime`. ``threads=1`` runs serially compiled copies
+steps. States and inputs are batch-major, as PyTorch lays them out: ``(batch, hidden)``
+states, ``(T, batch, gates * hidden)`` projected inputs, ``(T, batch, hidden)`` outputs
+(float32, C-contiguous), so no transpose is needed on either side of a layer. ``threads=1`` runs serially compiled copies
 of the same loops (no parallel region at all). Numba is imported lazily: without it,
 :data:`AVAILABLE` is False and the runtime simply does not offer these kernels.
 """
@@ -160,43 +161,44 @@ if AVAILABLE:
 
     @_inline
     def _start(acc, acc_start, source, row_start, batch):
-        """acc[acc_start + 16 b + i] = source[row_start + i, b] (a block of rows, transposed)."""
+        """acc[acc_start + 16 b + i] = source[b, row_start + i]: one block of rows per sample."""
         for b in range(batch):
             for i in range(TILE):
-                acc[acc_start + b * TILE + i] = source[row_start + i, b]
+                acc[acc_start + b * TILE + i] = source[b, row_start + i]
 
     @_inline
-    def _accumulate(ptr, cols, tiles, block_row, h, batch, acc, acc_start):
-        """acc[acc_start + 16 b + i] += (W h)[16 block_row + i, b]; ``tiles``, ``h`` flat."""
+    def _accumulate(ptr, cols, tiles, block_row, h, hidden, batch, acc, acc_start):
+        """acc[acc_start + 16 b + i] += (W h_b)[16 block_row + i]; ``tiles`` and ``h`` flat,
+        ``h`` holding the batch's states one after the other (batch, hidden)."""
         for k in range(ptr[block_row], ptr[block_row + 1]):
-            x_start = cols[k] * TILE * batch
+            column = cols[k] * TILE
             for b in range(batch):
-                _tile_apply(acc, acc_start + b * TILE, tiles, k * TILE * TILE, h, x_start + b, batch)
+                _tile_apply(acc, acc_start + b * TILE, tiles, k * TILE * TILE, h, b * hidden + column, 1)
 
-    # The step functions below keep each nonlinearity in a loop of its own over contiguous
-    # accumulators (vectorised), and the strided (unit, batch) reads and writes in others.
+    # The step functions keep each nonlinearity in a loop of its own over contiguous
+    # accumulators, so that it vectorises.
     def _elman_step(ptr, cols, tiles, u, h, out, activation, scratch):
-        """out = act(u + W h) over all block rows of W."""
-        batch = h.shape[1]
+        """out = act(u + h W^T) over all block rows of W; u, out (batch, rows), h (batch, hidden)."""
+        batch, hidden = h.shape
         flat_tiles, flat_h = tiles.reshape(-1), h.reshape(-1)
         for block_row in prange(ptr.shape[0] - 1):
             acc = scratch[block_row]
             base = block_row * TILE
             _start(acc, 0, u, base, batch)
-            _accumulate(ptr, cols, flat_tiles, block_row, flat_h, batch, acc, 0)
+            _accumulate(ptr, cols, flat_tiles, block_row, flat_h, hidden, batch, acc, 0)
             _apply(acc, 0, TILE * batch, activation)
             for b in range(batch):
                 for i in range(TILE):
-                    out[base + i, b] = acc[b * TILE + i]
+                    out[b, base + i] = acc[b * TILE + i]
 
     def _lstm_step(ptr, cols, tiles, u, h, c, h_out, scratch):
         """One LSTM step for every block of 16 units: its 4 gate block rows, then the cell.
 
-        ``u`` (4H, batch) holds W_ih x + b_ih + b_hh; ``c`` is updated in place (each block
-        only reads and writes its own units), ``h`` is read and ``h_out`` written.
+        ``u`` (batch, 4H) holds W_ih x + b_ih + b_hh; ``c`` (batch, H) is updated in place
+        (each block only reads and writes its own units), ``h`` is read and ``h_out`` written.
         """
-        batch = h.shape[1]
-        blocks = (ptr.shape[0] - 1) // 4
+        batch, hidden = h.shape
+        blocks = hidden // TILE
         flat_tiles, flat_h = tiles.reshape(-1), h.reshape(-1)
         gate = TILE * batch
         for block in prange(blocks):
@@ -205,30 +207,29 @@ if AVAILABLE:
             for g in range(4):
                 block_row = g * blocks + block
                 _start(acc, g * gate, u, block_row * TILE, batch)
-                _accumulate(ptr, cols, flat_tiles, block_row, flat_h, batch, acc, g * gate)
+                _accumulate(ptr, cols, flat_tiles, block_row, flat_h, hidden, batch, acc, g * gate)
             _apply(acc, 0, 2 * gate, 3)          # input, forget
             _apply(acc, 2 * gate, gate, 1)       # cell candidate
             _apply(acc, 3 * gate, gate, 3)       # output
             for b in range(batch):
                 for i in range(TILE):
                     a = b * TILE + i
-                    cell = acc[gate + a] * c[base + i, b] + acc[a] * acc[2 * gate + a]
-                    c[base + i, b] = cell
+                    cell = acc[gate + a] * c[b, base + i] + acc[a] * acc[2 * gate + a]
+                    c[b, base + i] = cell
                     acc[a] = cell
             _apply(acc, 0, gate, 1)
             for b in range(batch):
                 for i in range(TILE):
-                    h_out[base + i, b] = acc[3 * gate + b * TILE + i] * acc[b * TILE + i]
+                    h_out[b, base + i] = acc[3 * gate + b * TILE + i] * acc[b * TILE + i]
 
     def _gru_step(ptr, cols, tiles, u, bias_n, h, h_out, scratch):
         """One GRU step for every block of 16 units: its 3 gate block rows, then the cell.
 
-        ``u`` (3H, batch) holds W_ih x + b_ih (+ b_hh for r and z); ``bias_n`` (H,) is b_hn,
+        ``u`` (batch, 3H) holds W_ih x + b_ih (+ b_hh for r and z); ``bias_n`` (H,) is b_hn,
         added to W_hn h before the reset gate multiplies it.
         """
-        batch = h.shape[1]
-        blocks = (ptr.shape[0] - 1) // 3
-        hidden = blocks * TILE
+        batch, hidden = h.shape
+        blocks = hidden // TILE
         flat_tiles, flat_h = tiles.reshape(-1), h.reshape(-1)
         gate = TILE * batch
         for block in prange(blocks):
@@ -237,22 +238,22 @@ if AVAILABLE:
             for g in range(2):
                 block_row = g * blocks + block
                 _start(acc, g * gate, u, block_row * TILE, batch)
-                _accumulate(ptr, cols, flat_tiles, block_row, flat_h, batch, acc, g * gate)
+                _accumulate(ptr, cols, flat_tiles, block_row, flat_h, hidden, batch, acc, g * gate)
             for b in range(batch):
                 for i in range(TILE):
                     acc[2 * gate + b * TILE + i] = bias_n[base + i]
-            _accumulate(ptr, cols, flat_tiles, 2 * blocks + block, flat_h, batch, acc, 2 * gate)
+            _accumulate(ptr, cols, flat_tiles, 2 * blocks + block, flat_h, hidden, batch, acc, 2 * gate)
             _apply(acc, 0, 2 * gate, 3)          # reset, update
             for b in range(batch):
                 for i in range(TILE):
                     a = b * TILE + i
-                    acc[2 * gate + a] = u[2 * hidden + base + i, b] + acc[a] * acc[2 * gate + a]
+                    acc[2 * gate + a] = u[b, 2 * hidden + base + i] + acc[a] * acc[2 * gate + a]
             _apply(acc, 2 * gate, gate, 1)       # new gate
             for b in range(batch):
                 for i in range(TILE):
                     a = b * TILE + i
                     new = acc[2 * gate + a]
-                    h_out[base + i, b] = new + acc[gate + a] * (h[base + i, b] - new)
+                    h_out[b, base + i] = new + acc[gate + a] * (h[b, base + i] - new)
 
     _parallel = njit(parallel=True, fastmath=_FAST, error_model="numpy", cache=True, nogil=True)
     _serial = njit(fastmath=_FAST, error_model="numpy", cache=True, nogil=True)
@@ -262,7 +263,7 @@ if AVAILABLE:
 
     @njit(cache=True, nogil=True)
     def _elman_sequence(ptr, cols, tiles, projected, h0, outputs, activation, serial):
-        scratch = np.empty((ptr.shape[0] - 1, TILE * h0.shape[1]), dtype=np.float32)
+        scratch = np.empty((ptr.shape[0] - 1, TILE * h0.shape[0]), dtype=np.float32)
         for t in range(projected.shape[0]):
             h = h0 if t == 0 else outputs[t - 1]
             if serial:
@@ -272,7 +273,7 @@ if AVAILABLE:
 
     @njit(cache=True, nogil=True)
     def _lstm_sequence(ptr, cols, tiles, projected, h0, c, outputs, serial):
-        scratch = np.empty(((ptr.shape[0] - 1) // 4, 4 * TILE * h0.shape[1]), dtype=np.float32)
+        scratch = np.empty((h0.shape[1] // TILE, 4 * TILE * h0.shape[0]), dtype=np.float32)
         for t in range(projected.shape[0]):
             h = h0 if t == 0 else outputs[t - 1]
             if serial:
@@ -282,7 +283,7 @@ if AVAILABLE:
 
     @njit(cache=True, nogil=True)
     def _gru_sequence(ptr, cols, tiles, projected, bias_n, h0, outputs, serial):
-        scratch = np.empty(((ptr.shape[0] - 1) // 3, 3 * TILE * h0.shape[1]), dtype=np.float32)
+        scratch = np.empty((h0.shape[1] // TILE, 3 * TILE * h0.shape[0]), dtype=np.float32)
         for t in range(projected.shape[0]):
             h = h0 if t == 0 else outputs[t - 1]
             if serial:
@@ -296,14 +297,17 @@ def _need() -> None:
         raise RuntimeError("numba is not installed: pip install numba (or use the 'csr' / 'bsr' kernels)")
 
 
-def _check(ptr: np.ndarray, cols: np.ndarray, tiles_t: np.ndarray, rows: int, hidden: int) -> None:
+def _check(ptr: np.ndarray, cols: np.ndarray, tiles_t: np.ndarray, rows: int, hidden: int,
+           gates: int = 1) -> None:
     """Refuse inputs the loops would read out of bounds: a wrong tile size, row or column count."""
     if tiles_t.ndim != 3 or tiles_t.shape[1:] != (TILE, TILE) or tiles_t.shape[0] != cols.shape[0]:
         raise ValueError(f"tiles must have shape ({cols.shape[0]}, {TILE}, {TILE}) (one per block "
                          f"column index), got {tiles_t.shape}")
     if (ptr.shape[0] - 1) * TILE != rows or hidden % TILE:
         raise ValueError(f"{ptr.shape[0] - 1} block rows of {TILE} do not make {rows} rows, or "
-                         f"{hidden} state rows are not a multiple of {TILE}")
+                         f"{hidden} state units are not a multiple of {TILE}")
+    if gates > 1 and rows != gates * hidden:
+        raise ValueError(f"{gates} gates of {hidden} units need {gates} x {hidden} projected rows, got {rows}")
     if cols.shape[0] and int(cols.max()) >= hidden // TILE:
         raise ValueError(f"block column {int(cols.max())} is outside the {hidden // TILE} blocks of the state")
 
@@ -314,27 +318,28 @@ def _serial_flag(threads: int | None) -> bool:
 
 def bsr_addmm(ptr: np.ndarray, cols: np.ndarray, tiles_t: np.ndarray, u: np.ndarray, h: np.ndarray,
               out: np.ndarray) -> np.ndarray:
-    """``out = u + W h``: block-row pointers ``ptr``, block columns ``cols`` (int32) and
-    transposed tiles ``tiles_t`` (blocks, 16, 16); ``u``, ``out`` are (rows, batch), ``h``
-    is (hidden, batch), all float32 C-contiguous."""
+    """``out = u + h W^T`` for every sample: block-row pointers ``ptr``, block columns ``cols``
+    (int32) and transposed tiles ``tiles_t`` (blocks, 16, 16) of ``W``; ``u`` and ``out`` are
+    (batch, rows), ``h`` is (batch, hidden), all float32 C-contiguous."""
     _need()
-    _check(ptr, cols, tiles_t, u.shape[0], h.shape[0])
+    _check(ptr, cols, tiles_t, u.shape[1], h.shape[1])
     step = _elman_serial if _serial_flag(None) else _elman_parallel
-    step(ptr, cols, tiles_t, u, h, out, 0, np.empty((ptr.shape[0] - 1, TILE * h.shape[1]), np.float32))
+    step(ptr, cols, tiles_t, u, h, out, 0, np.empty((ptr.shape[0] - 1, TILE * h.shape[0]), np.float32))
     return out
 
 
 def bsr_elman(ptr: np.ndarray, cols: np.ndarray, tiles_t: np.ndarray, projected: np.ndarray, h0: np.ndarray,
               outputs: np.ndarray, activation: str, threads: int | None = None) -> np.ndarray:
-    """All steps ``outputs[t] = act(projected[t] + W outputs[t-1])`` (h0 before step 0).
+    """All steps ``outputs[t] = act(projected[t] + outputs[t-1] W^T)`` (h0 before step 0).
 
-    ``projected`` and ``outputs`` are (T, hidden, batch); ``activation`` is tanh or relu (or
-    identity); ``threads=1`` runs the serial copy, ``None`` follows :func:`get_threads`.
+    ``projected`` and ``outputs`` are (T, batch, hidden), ``h0`` is (batch, hidden);
+    ``activation`` is tanh or relu (or identity); ``threads=1`` runs the serial copy,
+    ``None`` follows :func:`get_threads`.
     """
     _need()
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
-    _check(ptr, cols, tiles_t, projected.shape[1], h0.shape[0])
+    _check(ptr, cols, tiles_t, projected.shape[2], h0.shape[1])
     _elman_sequence(ptr, cols, tiles_t, projected, h0, outputs, ACTIVATIONS[activation],
                     _serial_flag(threads))
     return outputs
@@ -344,14 +349,12 @@ def bsr_lstm(ptr: np.ndarray, cols: np.ndarray, tiles_t: np.ndarray, projected: 
              c: np.ndarray, outputs: np.ndarray, threads: int | None = None) -> np.ndarray:
     """All steps of an LSTM layer with the stacked ``(4H, H)`` recurrent matrix in tiles.
 
-    ``projected`` (T, 4H, batch) is ``W_ih x_t + b_ih + b_hh``; ``h0`` and ``c`` are
-    (H, batch), ``c`` is overwritten with the final cell state; ``outputs`` (T, H, batch)
+    ``projected`` (T, batch, 4H) is ``W_ih x_t + b_ih + b_hh``; ``h0`` and ``c`` are
+    (batch, H), ``c`` is overwritten with the final cell state; ``outputs`` (T, batch, H)
     receives every ``h_t``.
     """
     _need()
-    _check(ptr, cols, tiles_t, projected.shape[1], h0.shape[0])
-    if projected.shape[1] != 4 * h0.shape[0]:
-        raise ValueError(f"an LSTM needs 4 x {h0.shape[0]} projected rows, got {projected.shape[1]}")
+    _check(ptr, cols, tiles_t, projected.shape[2], h0.shape[1], gates=4)
     _lstm_sequence(ptr, cols, tiles_t, projected, h0, c, outputs, _serial_flag(threads))
     return outputs
 
@@ -360,14 +363,12 @@ def bsr_gru(ptr: np.ndarray, cols: np.ndarray, tiles_t: np.ndarray, projected: n
             h0: np.ndarray, outputs: np.ndarray, threads: int | None = None) -> np.ndarray:
     """All steps of a GRU layer with the stacked ``(3H, H)`` recurrent matrix in tiles.
 
-    ``projected`` (T, 3H, batch) is ``W_ih x_t + b_ih`` plus ``b_hh`` on the r and z rows;
-    ``bias_n`` (H,) is ``b_hn``; ``outputs`` (T, H, batch) receives every ``h_t``.
+    ``projected`` (T, batch, 3H) is ``W_ih x_t + b_ih`` plus ``b_hh`` on the r and z rows;
+    ``bias_n`` (H,) is ``b_hn``; ``outputs`` (T, batch, H) receives every ``h_t``.
     """
     _need()
-    _check(ptr, cols, tiles_t, projected.shape[1], h0.shape[0])
-    if projected.shape[1] != 3 * h0.shape[0]:
-        raise ValueError(f"a GRU needs 3 x {h0.shape[0]} projected rows, got {projected.shape[1]}")
-    if bias_n.shape != (h0.shape[0],):
-        raise ValueError(f"bias_n must have shape ({h0.shape[0]},), got {bias_n.shape}")
+    _check(ptr, cols, tiles_t, projected.shape[2], h0.shape[1], gates=3)
+    if bias_n.shape != (h0.shape[1],):
+        raise ValueError(f"bias_n must have shape ({h0.shape[1]},), got {bias_n.shape}")
     _gru_sequence(ptr, cols, tiles_t, projected, bias_n, h0, outputs, _serial_flag(threads))
     return outputs

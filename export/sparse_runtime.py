@@ -293,24 +293,27 @@ class TileKernel(RecurrentKernel):
 
     def __call__(self, u: Tensor, h: Tensor) -> Tensor:
         batch = h.shape[1]
-        u = u.expand(self.shape[0], batch).contiguous()
-        out = torch.empty(self.shape[0], batch)
-        numba_kernels.bsr_addmm(self.ptr, self.cols, self.tiles_t, u.numpy(), h.contiguous().numpy(), out.numpy())
-        return out
+        # the compiled kernels are batch-major: (batch, rows)
+        u = u.expand(self.shape[0], batch).t().contiguous()
+        out = torch.empty(batch, self.shape[0])
+        numba_kernels.bsr_addmm(self.ptr, self.cols, self.tiles_t, u.numpy(), h.t().contiguous().numpy(),
+                                out.numpy())
+        return out.t()
 
     def run_layer(self, mode: str, projected: Tensor, h: Tensor, c: Tensor | None = None,
                   recurrent_bias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Every step of one layer: ``projected`` (T, gates * H, batch) -> outputs (T, H, batch).
+        """Every step of one layer, batch-major: ``projected`` (T, batch, gates * H) ->
+        outputs (T, batch, H), from ``h`` (batch, H).
 
-        ``mode`` is RNN_TANH, RNN_RELU, LSTM (``c`` the initial cell state) or GRU
-        (``recurrent_bias`` the ``(3H,)`` or ``(3H, 1)`` bias of which ``b_hn`` is used).
+        ``mode`` is RNN_TANH, RNN_RELU, LSTM (``c`` the initial cell state, (batch, H)) or
+        GRU (``recurrent_bias`` the ``(3H,)`` or ``(3H, 1)`` bias of which ``b_hn`` is used).
         Returns ``(outputs, final c)`` (``c`` is None except for an LSTM). Runs with the
         thread count numba has now (:func:`thread_pools` sets it).
         """
         projected = projected.contiguous()
         h = h.contiguous()
-        steps, hidden, batch = projected.shape[0], h.shape[0], h.shape[1]
-        outputs = torch.empty(steps, hidden, batch)
+        steps, batch, hidden = projected.shape[0], h.shape[0], h.shape[1]
+        outputs = torch.empty(steps, batch, hidden)
         args = (self.ptr, self.cols, self.tiles_t, projected.numpy())
         if mode == "LSTM":
             c = c.clone().contiguous()
@@ -337,14 +340,17 @@ def _median_time(function: Callable[[], object], repeats: int) -> float:
 
 
 def _sequence(kernel: RecurrentKernel, mode: str, projected: Tensor, h: Tensor) -> Tensor:
-    """What one layer of ``mode`` costs with ``kernel``: fused when it can, else a step loop."""
+    """What one layer of ``mode`` costs with ``kernel``: fused when it can, else a step loop.
+
+    ``projected`` is (T, batch, rows) and ``h`` (batch, hidden), as a fused layer reads them.
+    """
     c = torch.zeros_like(h) if mode == "LSTM" else None
     bias = torch.zeros(kernel.shape[0], 1)
     if hasattr(kernel, "run_layer"):
         return kernel.run_layer(mode, projected, h, c, bias)[0]
-    step = _STEPS[mode]
+    step, h, c = _STEPS[mode], h.t().contiguous(), None if c is None else c.t().contiguous()
     for t in range(projected.shape[0]):
-        h, c = step(kernel, projected[t], bias, h, c)
+        h, c = step(kernel, projected[t].t(), bias, h, c)
     return h
 
 
@@ -359,13 +365,13 @@ def choose_kernel(weight: Tensor, batch: int, candidates: Sequence[str], tile: i
     mode = mode or ("RNN_TANH" if elman else None)
     h = torch.randn(weight.shape[1], batch)
     u = torch.randn(weight.shape[0], batch)
-    projected = torch.randn(8, weight.shape[0], batch)
+    projected, h_rows = torch.randn(8, batch, weight.shape[0]), h.t().contiguous()
     best, best_time = None, float("inf")
     for name in candidates:
         if not KERNELS[name].applies(weight, tile):
             continue
         kernel = KERNELS[name](weight, tile)
-        work = (lambda: _sequence(kernel, mode, projected, h)) if mode else (lambda: kernel(u, h))
+        work = (lambda: _sequence(kernel, mode, projected, h_rows)) if mode else (lambda: kernel(u, h))
         work()
         elapsed = _median_time(work, repeats)
         if elapsed < best_time:
@@ -619,12 +625,13 @@ class SparseRNN:
         # numba's threads run a fused layer: no PyTorch worker may be left spinning on their cores
         with _torch_threads(1) if fused else contextlib.nullcontext():
             projected = torch.addmm(self._input_bias[index], inputs.reshape(steps * batch, -1),
-                                    layer.weight_ih.t())
-            projected = projected.view(steps, batch, -1).transpose(1, 2).contiguous()
+                                    layer.weight_ih.t()).view(steps, batch, -1)
         rec_bias = self._recurrent_bias[index]
-        if fused:
-            outputs, c = kernel.run_layer(layer.mode, projected, h, c, rec_bias)
-            return outputs.transpose(1, 2), outputs[-1], c
+        if fused:   # batch-major all the way: (T, batch, rows) in, (T, batch, H) out
+            outputs, c = kernel.run_layer(layer.mode, projected, h.t(), None if c is None else c.t(),
+                                          rec_bias)
+            return outputs, outputs[-1].t(), None if c is None else c.t()
+        projected = projected.transpose(1, 2).contiguous()
         outputs = torch.empty(steps, layer.hidden_size, batch)
         for t in range(steps):
             h, c = step(kernel, projected[t], rec_bias, h, c)

@@ -137,20 +137,20 @@ def test_kernels_refuse_shapes_they_would_read_out_of_bounds():
     ptr = np.array([0, 1, 1], np.int32)
     cols = np.array([0], np.int32)
     tiles = np.zeros((1, 16, 16), np.float32)
-    h = np.zeros((32, 1), np.float32)
+    h = np.zeros((1, 32), np.float32)
     with pytest.raises(ValueError, match=r"tiles must have shape \(1, 16, 16\)"):
         numba_kernels.bsr_addmm(ptr, cols, np.zeros((1, 8, 8), np.float32), h, h, h.copy())
     with pytest.raises(ValueError, match="do not make 48 rows"):
-        numba_kernels.bsr_addmm(ptr, cols, tiles, np.zeros((48, 1), np.float32), h, h.copy())
+        numba_kernels.bsr_addmm(ptr, cols, tiles, np.zeros((1, 48), np.float32), h, h.copy())
     with pytest.raises(ValueError, match="block column 5 is outside the 2 blocks"):
         numba_kernels.bsr_addmm(ptr, np.array([5], np.int32), tiles, h, h, h.copy())
-    lstm_ptr = np.zeros(4 * 2 + 1, np.int32)
-    with pytest.raises(ValueError, match="an LSTM needs 4 x 32 projected rows, got 96"):
-        numba_kernels.bsr_lstm(np.zeros(7, np.int32), cols[:0], tiles[:0], np.zeros((2, 96, 1), np.float32),
-                               h, h.copy(), np.zeros((2, 32, 1), np.float32))
+    empty_ptr = np.zeros(7, np.int32)   # 6 block rows = 96 rows
+    with pytest.raises(ValueError, match="4 gates of 32 units need 4 x 32 projected rows, got 96"):
+        numba_kernels.bsr_lstm(empty_ptr, cols[:0], tiles[:0], np.zeros((2, 1, 96), np.float32),
+                               h, h.copy(), np.zeros((2, 1, 32), np.float32))
     with pytest.raises(ValueError, match=r"bias_n must have shape \(32,\)"):
-        numba_kernels.bsr_gru(lstm_ptr[:7], cols[:0], tiles[:0], np.zeros((2, 96, 1), np.float32),
-                              np.zeros(16, np.float32), h, np.zeros((2, 32, 1), np.float32))
+        numba_kernels.bsr_gru(empty_ptr, cols[:0], tiles[:0], np.zeros((2, 1, 96), np.float32),
+                              np.zeros(16, np.float32), h, np.zeros((2, 1, 32), np.float32))
 
 
 def test_one_step_product_equals_dense():

@@ -144,8 +144,8 @@ def test_compiled_elman_rejects_unknown_activation():
 
     empty = np.zeros(3, np.int32)
     with pytest.raises(ValueError, match="'gelu'; expected one of identity, tanh, relu"):
-        bsr_elman(empty, empty[:0], np.zeros((0, 16, 16), np.float32), np.zeros((1, 32, 1), np.float32),
-                  np.zeros((32, 1), np.float32), np.zeros((1, 32, 1), np.float32), "gelu")
+        bsr_elman(empty, empty[:0], np.zeros((0, 16, 16), np.float32), np.zeros((1, 1, 32), np.float32),
+                  np.zeros((1, 32), np.float32), np.zeros((1, 1, 32), np.float32), "gelu")
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
