@@ -565,6 +565,7 @@ class SparseRNN:
             raise RuntimeConfigError(
                 f"got {len(self.perms)} permutations for {len(self.layers)} layers"
             )
+        self._inverse = [None if p is None else torch.argsort(p) for p in self.perms]
         self._kernels: dict[tuple[int, int], RecurrentKernel] = {}
         self._input_bias = [layer.input_bias() for layer in self.layers]
         self._recurrent_bias = [layer.recurrent_bias().view(-1, 1) for layer in self.layers]
@@ -614,7 +615,7 @@ class SparseRNN:
     def _final(self, columns: Tensor, index: int) -> Tensor:
         state = columns.t()
         if self.perms[index] is not None:
-            state = state[:, torch.argsort(self.perms[index])]
+            state = state[:, self._inverse[index]]
         return state
 
     def _run_layer(self, index: int, inputs: Tensor, h: Tensor, c: Tensor | None):
@@ -673,7 +674,7 @@ class SparseRNN:
                 finals_c.append(self._final(c, index))
         output = layer_input
         if self.perms[-1] is not None:
-            output = output[..., torch.argsort(self.perms[-1])]
+            output = output[..., self._inverse[-1]]
         output = output.contiguous()
         h_n = torch.stack(finals_h) if _uniform(finals_h) else finals_h
         result_state = (h_n, torch.stack(finals_c) if _uniform(finals_c) else finals_c) \
