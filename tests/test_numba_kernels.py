@@ -194,3 +194,11 @@ def test_first_call_in_a_fresh_process_keeps_pytorchs_count():
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert done.stdout.split()[-1] == "1"
+
+
+def test_gather_columns_equals_indexing():
+    source = np.random.default_rng(0).standard_normal((6, 40)).astype(np.float32)
+    index = np.random.default_rng(1).permutation(40)
+    assert np.array_equal(numba_kernels.gather_columns(source, index), source[:, index])
+    with pytest.raises(ValueError, match="column index outside 0..39"):
+        numba_kernels.gather_columns(source, np.array([0, 40]))
