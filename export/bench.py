@@ -9,6 +9,12 @@ bandwidth it reaches.  At H=1024 (and for the sparse H=4096 matrices, ~7-13 MB) 
 weights stay in the 32 MB L3 cache between steps, so fractions above 1 are possible:
 the ratio is against DRAM bandwidth.
 
+Synthetic models are Elman (``--cell rnn``), LSTM or GRU layers (``--cell lstm gru``: the
+stacked ``(4H, H)`` / ``(3H, H)`` recurrent matrix is pruned as one). ``--threads 1 2``
+measures every row with each thread count. The floor column is the time this process
+takes to read a row's bytes per step (a buffer of that size summed, so from whichever
+cache level it fits in), times the steps; "x floor" is the row's time over it.
+
 Libraries (rows):
     torch_rnn      PyTorch dense ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` module
     dense_loop     best dense kernel: loop of addmv / addmm on pre-projected inputs
@@ -68,6 +74,7 @@ LIBRARIES = ("torch_rnn", "dense_loop", "torch_csr", "ort_dense", "ours", "ours_
 # Rows that need the CPU: skipped on a CUDA device, with the reason printed.
 CPU_ONLY = {"ort_dense": "ONNX Runtime runs here with its CPU execution provider"}
 PATTERNS = ("random", "torus", "tiles")
+CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 INPUT_SIZE = 64
 TILE = 16
 
@@ -78,7 +85,7 @@ class BenchError(ValueError):
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One benchmark point: synthetic Elman matrix or an exported model file."""
+    """One benchmark point: synthetic Elman / LSTM / GRU layer or an exported model file."""
 
     hidden: int
     batch: int
@@ -87,11 +94,13 @@ class BenchConfig:
     steps: int = 50
     seed: int = 0
     file: str = ""
+    cell: str = "rnn"
 
     @property
     def label(self) -> str:
         source = Path(self.file).name if self.file else self.pattern
-        return f"{source} H={self.hidden} B={self.batch} s={self.sparsity:g}"
+        cell = "" if self.file or self.cell == "rnn" else f"{self.cell} "
+        return f"{cell}{source} H={self.hidden} B={self.batch} s={self.sparsity:g}"
 
 
 # --------------------------------------------------------------------------- models
@@ -110,16 +119,19 @@ def _torus_weights(embedding: Tensor, generator: torch.Generator) -> Tensor:
 
 def _synthetic(config: BenchConfig) -> tuple[nn.RNNBase, Tensor]:
     generator = torch.Generator().manual_seed(config.seed)
-    module = nn.RNN(INPUT_SIZE, config.hidden)
+    module = CELLS[config.cell](INPUT_SIZE, config.hidden)
+    gates = module.weight_hh_l0.shape[0] // config.hidden
     embedding = _torus_embedding(config.hidden, generator)
     with torch.no_grad():
         for parameter in module.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-        if config.pattern == "random":
-            dense = torch.randn(config.hidden, config.hidden, generator=generator)
-            module.weight_hh_l0.copy_(dense / config.hidden**0.5)
-        else:
-            module.weight_hh_l0.copy_(_torus_weights(embedding, generator))
+        for gate in range(gates):   # one block per gate, all on the same neurons' embedding
+            if config.pattern == "random":
+                block = torch.randn(config.hidden, config.hidden, generator=generator)
+                block /= config.hidden**0.5
+            else:
+                block = _torus_weights(embedding, generator)
+            module.weight_hh_l0[gate * config.hidden: (gate + 1) * config.hidden].copy_(block)
     return module, embedding
 
 
@@ -268,7 +280,7 @@ def _runner(library: str, config: BenchConfig, threads: int, device: torch.devic
         tiled = library == "ours_tiled" or config.pattern == "tiles"
         candidates = ("csr", "bsr", "gather", "tiles") if tiled else ("dense", "csr")
         runtime = SparseRNN(layers_from_module(module), kernel=kernel, perms=perms,
-                            tile=TILE, candidates=candidates)
+                            tile=TILE, candidates=candidates, threads=threads)
         runtime.nbytes_per_step(config.batch)
         run = runtime
     gates = module.weight_hh_l0.shape[0] // module.hidden_size
@@ -316,10 +328,22 @@ def run_worker(library: str, configs: Sequence[BenchConfig], threads: int, repea
             run(sequence)
         step_s = _median(lambda: run(single), max(10, 4 * repeats), where)
         sequence_s = _median(lambda: run(sequence), repeats, where)
-        results.append({**asdict(config), "library": library, "kernel": kernel,
+        floor_s = config.steps * read_seconds(nbytes, repeats, where)
+        results.append({**asdict(config), "library": library, "kernel": kernel, "threads": threads,
                         "step_us": step_s * 1e6, "sequence_ms": sequence_s * 1e3,
-                        "bytes_per_step": nbytes})
+                        "floor_ms": floor_s * 1e3, "bytes_per_step": nbytes})
     return results
+
+
+def read_seconds(nbytes: int, repeats: int = 5, device: torch.device = torch.device("cpu")) -> float:
+    """Median time to read ``nbytes`` once (a float32 buffer of that size, summed).
+
+    The buffer is read repeatedly, so it comes from the cache level it fits in, as a
+    recurrent matrix read at every step does: the floor of a row that reads ``nbytes``.
+    """
+    buffer = torch.ones(max(1, nbytes // 4), device=device)
+    buffer.sum()
+    return _median(lambda: buffer.sum(), max(5, 4 * repeats), device)
 
 
 def measure_bandwidth(repeats: int = 5, megabytes: int = 512, device: torch.device = torch.device("cpu")) -> float:
@@ -349,20 +373,19 @@ def _spawn(library: str, configs: Sequence[BenchConfig], threads: int, repeats: 
 def _summarize(rows: list[dict], bandwidth: float) -> list[dict]:
     keyed: dict[tuple, list[dict]] = {}
     for row in rows:
-        key = (row["file"], row["pattern"], row["hidden"], row["batch"], row["sparsity"],
-               row["library"])
+        key = (row["file"], row["cell"], row["pattern"], row["hidden"], row["batch"],
+               row["sparsity"], row["threads"], row["library"])
         keyed.setdefault(key, []).append(row)
     table = []
     for key, group in keyed.items():
         row = dict(group[0])
-        row["step_us"] = statistics.median(r["step_us"] for r in group)
-        row["sequence_ms"] = statistics.median(r["sequence_ms"] for r in group)
+        for field in ("step_us", "sequence_ms", "floor_ms"):
+            row[field] = statistics.median(r[field] for r in group)
         row["rounds"] = len(group)
         table.append(row)
     by_config = {}
     for row in table:
-        by_config.setdefault(row["label"] if "label" in row else _label(row), {})[
-            row["library"]] = row
+        by_config.setdefault((_label(row), row["threads"]), {})[row["library"]] = row
     for config_rows in by_config.values():
         for row in config_rows.values():
             base = config_rows.get("torch_rnn")
@@ -373,15 +396,20 @@ def _summarize(rows: list[dict], bandwidth: float) -> list[dict]:
             per_step_s = row["sequence_ms"] / 1e3 / row["steps"]
             row["gbps"] = row["bytes_per_step"] / per_step_s / 1e9
             row["bandwidth_fraction"] = row["gbps"] / bandwidth
+            row["x_floor"] = row["sequence_ms"] / row["floor_ms"] if row["floor_ms"] > 0 else None
     order = {name: index for index, name in enumerate(LIBRARIES)}
-    table.sort(key=lambda r: (r["file"], r["pattern"], r["hidden"], r["batch"], r["sparsity"],
-                              order[r["library"]]))
+    table.sort(key=lambda r: (r["file"], r["cell"], r["pattern"], r["hidden"], r["batch"],
+                              r["sparsity"], r["threads"], order[r["library"]]))
     return table
 
 
 def _label(row: dict) -> str:
     return BenchConfig(row["hidden"], row["batch"], row["sparsity"], row["pattern"],
-                       row["steps"], row["seed"], row["file"]).label
+                       row["steps"], row["seed"], row["file"], row.get("cell", "rnn")).label
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def device_libraries(libraries: Sequence[str], device: torch.device,
@@ -406,22 +434,25 @@ def device_libraries(libraries: Sequence[str], device: torch.device,
 
 
 def run_benchmark(configs: Sequence[BenchConfig], libraries: Sequence[str] = LIBRARIES,
-                  rounds: int = 3, repeats: int = 5, threads: int | None = None,
+                  rounds: int = 3, repeats: int = 5, threads: int | Sequence[int] | None = None,
                   log: Callable[[str], None] = print, device: str = "cpu") -> tuple[list[dict], float]:
-    """Interleaved rounds of one process per library on ``device``; returns (table rows, GB/s).
+    """Interleaved rounds of one process per library and thread count on ``device``; (table rows, GB/s).
 
-    On a CUDA device the CPU-only libraries are left out (:func:`device_libraries`).
+    ``threads``: one count, several (every row is measured with each), or None (all usable
+    cores). Memory bandwidth is measured with the largest count. On a CUDA device the
+    CPU-only libraries are left out (:func:`device_libraries`).
     """
-    threads = threads or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-        else threads or os.cpu_count() or 1
+    counts = [_usable_cores()] if threads is None else \
+        [threads] if isinstance(threads, int) else list(threads)
     where = resolve_device(device)
     libraries = device_libraries(libraries, where, log)
     rows, bandwidths = [], []
     for round_index in range(rounds):
-        bandwidths.append(_spawn("bandwidth", [], threads, repeats, str(where))[0]["bandwidth_gbps"])
+        bandwidths.append(_spawn("bandwidth", [], max(counts), repeats, str(where))[0]["bandwidth_gbps"])
         for library in libraries:
-            log(f"round {round_index + 1}/{rounds}: {library}")
-            rows.extend(_spawn(library, configs, threads, repeats, str(where)))
+            for count in counts:
+                log(f"round {round_index + 1}/{rounds}: {library}, {count} thread(s)")
+                rows.extend(_spawn(library, configs, count, repeats, str(where)))
     bandwidth = statistics.median(bandwidths)
     return _summarize(rows, bandwidth), bandwidth
 
@@ -432,8 +463,8 @@ def _fmt(value, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
-COLUMNS = ("config", "library", "kernel", "step_us", "sequence_ms", "speedup_vs_rnn",
-           "speedup_vs_dense", "bytes_per_step", "gbps", "bandwidth_fraction")
+COLUMNS = ("config", "threads", "library", "kernel", "step_us", "sequence_ms", "speedup_vs_rnn",
+           "speedup_vs_dense", "floor_ms", "x_floor", "bytes_per_step", "gbps", "bandwidth_fraction")
 
 
 def _device_name(device: torch.device) -> str:
@@ -441,7 +472,11 @@ def _device_name(device: torch.device) -> str:
 
 
 def markdown_table(table: Sequence[dict], bandwidth: float, device: str = "cpu") -> str:
-    """The result rows as a markdown table (one line per config and library)."""
+    """The result rows as a markdown table (one line per config, thread count and library).
+
+    "x torch_rnn" is the speed-up over the PyTorch module of the same cell (nn.RNN,
+    nn.LSTM or nn.GRU); floor (ms) is the time to read the row's bytes per step ``T`` times.
+    """
     where = torch.device(device)
     memory = "DRAM" if where.type == "cpu" else "device memory"
     header = f"Measured {memory} read bandwidth: {bandwidth:.1f} GB/s; T = {table[0]['steps']} " \
@@ -449,15 +484,16 @@ def markdown_table(table: Sequence[dict], bandwidth: float, device: str = "cpu")
     if where.type != "cpu":
         header = f"Device {_device_name(where)}. {header}"
     lines = [header, "",
-             "| config | library | kernel | step (us) | sequence (ms) | x nn.RNN | x dense loop "
-             f"| MB/step | GB/s | of {'DRAM' if where.type == 'cpu' else 'memory'} bw |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| config | threads | library | kernel | step (us) | sequence (ms) | x torch_rnn "
+             f"| x dense loop | floor (ms) | x floor | MB/step | GB/s | of {'DRAM' if where.type == 'cpu' else 'memory'} bw |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in table:
         lines.append(
-            f"| {_label(row)} | {row['library']} | {row['kernel']} | {_fmt(row['step_us'], 0)} | "
-            f"{_fmt(row['sequence_ms'])} | {_fmt(row['speedup_vs_rnn'])} | "
-            f"{_fmt(row['speedup_vs_dense'])} | {row['bytes_per_step'] / 1e6:.2f} | "
-            f"{_fmt(row['gbps'], 1)} | {_fmt(row['bandwidth_fraction'])} |")
+            f"| {_label(row)} | {row['threads']} | {row['library']} | {row['kernel']} | "
+            f"{_fmt(row['step_us'], 0)} | {_fmt(row['sequence_ms'])} | {_fmt(row['speedup_vs_rnn'])} | "
+            f"{_fmt(row['speedup_vs_dense'])} | {_fmt(row['floor_ms'])} | {_fmt(row['x_floor'])} | "
+            f"{row['bytes_per_step'] / 1e6:.2f} | {_fmt(row['gbps'], 1)} | "
+            f"{_fmt(row['bandwidth_fraction'])} |")
     return "\n".join(lines)
 
 
@@ -510,11 +546,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.9, 0.95, 0.98])
     parser.add_argument("--pattern", nargs="+", default=["random"], choices=PATTERNS)
+    parser.add_argument("--cell", nargs="+", default=["rnn"], choices=list(CELLS),
+                        help="synthetic layer type(s): Elman rnn, lstm, gru")
     parser.add_argument("--steps", type=int, default=50, help="sequence length T")
     parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--repeats", type=int, default=5, help="timed sequences per round")
-    parser.add_argument("--threads", type=int, default=None, help="default: all usable cores")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="thread count(s); several (e.g. 1 2) measure every row with each; "
+                             "default: all usable cores")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: H=512 and 1024, batch 1, sparsity 0.9, 1 round")
     parser.add_argument("--out", default="bench_results", help="folder for md / csv / png")
@@ -537,8 +577,8 @@ def configs_from_args(args: argparse.Namespace) -> list[BenchConfig]:
         return [BenchConfig(module.hidden_size, b, s, "random", args.steps, file=args.file)
                 for b in args.batch for s in ([file_sparsity] if file_sparsity > 0.5
                                               else args.sparsity)]
-    return [BenchConfig(h, b, s, p, args.steps) for p in args.pattern for h in args.hidden
-            for b in args.batch for s in args.sparsity]
+    return [BenchConfig(h, b, s, p, args.steps, cell=cell) for cell in args.cell
+            for p in args.pattern for h in args.hidden for b in args.batch for s in args.sparsity]
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -552,8 +592,9 @@ def _validate(args: argparse.Namespace) -> None:
     for sparsity in args.sparsity:
         if not 0.0 <= sparsity < 1.0:
             raise BenchError(f"--sparsity {sparsity} is not in [0, 1)")
-    if args.threads is not None and args.threads < 1:
-        raise BenchError(f"--threads must be >= 1, got {args.threads}")
+    for count in args.threads or []:
+        if count < 1:
+            raise BenchError(f"--threads must be >= 1, got {count}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise BenchError(f"--out {args.out} is a file, not a folder")
 
@@ -583,7 +624,7 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         configs = [BenchConfig(**c) for c in json.loads(args.configs)]
-        threads = args.threads or 1
+        threads = args.threads[0] if args.threads else 1
         print(json.dumps(run_worker(args.worker, configs, threads, args.repeats, args.device)))
         return 0
     return main(args)

@@ -10,9 +10,13 @@ a sparse kernel, and gives the same outputs as the module (to float32 rounding):
   ``torch.addmv`` (batch 1) or ``torch.addmm`` with the sparse matrix on the left and the
   dense state on the right, the only layout PyTorch's sparse CPU kernels are fast in
   (``F.linear(x, W_csr)`` is 4-7x slower);
-* kernels (``dense``, ``csr``, ``bsr``, ``gather``, ``tiles``: our compiled block kernel,
-  which also runs a whole Elman sequence in one call) sit in a registry; ``kernel="auto"``
-  times the ones that apply on the actual matrix and batch size and keeps the fastest.
+* kernels (``dense``, ``csr``, ``bsr``, ``gather``, ``tiles``: our compiled block kernels,
+  which run a whole Elman, LSTM or GRU layer in one call, all gates of a step in one pass
+  over the tiles) sit in a registry; ``kernel="auto"`` times the ones that apply on the
+  actual matrix and batch size, the way the layer will run them, and keeps the fastest;
+* each call owns the thread pools (:func:`thread_pools`): PyTorch's and numba's counts are
+  set for the call and restored after it, ``threads=1`` runs everything on the caller's
+  thread.
 
 Hidden units may be stored in a different order than the module's (the geometric order of
 :mod:`moduli_transform.export.tiles`); ``perms[l][i]`` is the original index of stored unit ``i`` of layer
@@ -41,6 +45,7 @@ __all__ = [
     "KERNELS",
     "RuntimeConfigError",
     "register_kernel",
+    "thread_pools",
     "to_csr32",
     "RecurrentLayer",
     "SparseRNN",
@@ -222,13 +227,65 @@ class GatherKernel(RecurrentKernel):
         return 4 * blocks * self.tile**2 + 16 * blocks + _vector_bytes(self.shape[1], batch)
 
 
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if count != before:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count != before:
+            torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def thread_pools(threads: int | None = None) -> Iterator[int]:
+    """Run the block with ``threads`` threads in PyTorch's and numba's pools; restore both.
+
+    Numba's OpenMP layer and PyTorch each bring an OpenMP runtime; which one numba's
+    calls reach depends on the load order (with PyTorch imported first they share
+    PyTorch's, and numba's ``set_num_threads`` then changes PyTorch's count too). Either
+    way the runtime owns the counts for its own calls: both get ``threads`` (``None``:
+    PyTorch's current count) and both are restored after, PyTorch's last. ``1`` makes
+    every operation of the call run on the calling thread (the tile kernels then run
+    their serially compiled copies). Inside, a layer run by the tile kernels does its
+    dense input projection on one PyTorch thread, so that no PyTorch worker is left
+    spinning while numba's threads run the recurrence. Yields the count used.
+
+    Example:
+        >>> before = torch.get_num_threads()
+        >>> with thread_pools(1) as used:
+        ...     inside = torch.get_num_threads()
+        >>> used, inside, torch.get_num_threads() == before
+        (1, 1, True)
+    """
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise RuntimeConfigError(f"threads must be a positive integer or None, got {threads!r}")
+    torch_before, numba_before = torch.get_num_threads(), numba_kernels.get_threads()
+    count = torch_before if threads is None else threads
+    numba_kernels.set_threads(count)
+    torch.set_num_threads(count)
+    try:
+        yield count
+    finally:
+        numba_kernels.set_threads(numba_before)
+        torch.set_num_threads(torch_before)
+
+
 @register_kernel("tiles")
 class TileKernel(RecurrentKernel):
-    """Our compiled block-sparse kernel (:mod:`moduli_transform.export.numba_kernels`): whole tiles, no
-    per-weight indices, and for Elman layers the whole sequence in one call."""
+    """Our compiled block-sparse kernels (:mod:`moduli_transform.export.numba_kernels`): whole
+    16x16 tiles, no per-weight indices, and a whole Elman, LSTM or GRU layer (every step,
+    all gates of a step in one pass over the tiles) in one call."""
 
     def __init__(self, weight: Tensor, tile: int = 16) -> None:
         super().__init__(weight)
+        if tile != numba_kernels.TILE:
+            raise RuntimeConfigError(
+                f"the 'tiles' kernel is compiled for {numba_kernels.TILE}x{numba_kernels.TILE} "
+                f"tiles, got tile={tile}; use tile={numba_kernels.TILE} or the 'bsr' / 'gather' kernels"
+            )
         bsr = _to_bsr(weight.float(), tile)
         self.ptr = bsr.crow_indices().to(torch.int32).numpy()
         self.cols = bsr.col_indices().to(torch.int32).numpy()
@@ -237,23 +294,43 @@ class TileKernel(RecurrentKernel):
 
     @classmethod
     def applies(cls, weight: Tensor, tile: int) -> bool:
-        return numba_kernels.AVAILABLE and weight.device.type == "cpu" and _tile_divisible(weight, tile)
+        return (numba_kernels.AVAILABLE and weight.device.type == "cpu" and tile == numba_kernels.TILE
+                and _tile_divisible(weight, tile))
 
     def __call__(self, u: Tensor, h: Tensor) -> Tensor:
-        numba_kernels.set_threads(torch.get_num_threads())
         batch = h.shape[1]
-        u = u.expand(self.shape[0], batch).contiguous()
-        out = torch.empty(self.shape[0], batch)
-        numba_kernels.bsr_addmm(self.ptr, self.cols, self.tiles_t, u.numpy(), h.contiguous().numpy(), out.numpy())
-        return out
+        # the compiled kernels are batch-major: (batch, rows)
+        u = u.expand(self.shape[0], batch).t().contiguous()
+        out = torch.empty(batch, self.shape[0])
+        numba_kernels.bsr_addmm(self.ptr, self.cols, self.tiles_t, u.numpy(), h.t().contiguous().numpy(),
+                                out.numpy())
+        return out.t()
 
-    def run_elman(self, projected: Tensor, h: Tensor, activation: str) -> Tensor:
-        """All steps of an Elman layer: ``projected`` (T, hidden, batch) -> outputs, same shape."""
-        numba_kernels.set_threads(torch.get_num_threads())
-        outputs = torch.empty_like(projected)
-        numba_kernels.bsr_elman(self.ptr, self.cols, self.tiles_t, projected.contiguous().numpy(),
-                                h.contiguous().numpy(), outputs.numpy(), activation)
-        return outputs
+    def run_layer(self, mode: str, projected: Tensor, h: Tensor, c: Tensor | None = None,
+                  recurrent_bias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Every step of one layer, batch-major: ``projected`` (T, batch, gates * H) ->
+        outputs (T, batch, H), from ``h`` (batch, H).
+
+        ``mode`` is RNN_TANH, RNN_RELU, LSTM (``c`` the initial cell state, (batch, H)) or
+        GRU (``recurrent_bias`` the ``(3H,)`` or ``(3H, 1)`` bias of which ``b_hn`` is used).
+        Returns ``(outputs, final c)`` (``c`` is None except for an LSTM). Runs with the
+        thread count numba has now (:func:`thread_pools` sets it).
+        """
+        projected = projected.contiguous()
+        h = h.contiguous()
+        steps, batch, hidden = projected.shape[0], h.shape[0], h.shape[1]
+        outputs = torch.empty(steps, batch, hidden)
+        args = (self.ptr, self.cols, self.tiles_t, projected.numpy())
+        if mode == "LSTM":
+            c = c.clone().contiguous()
+            numba_kernels.bsr_lstm(*args, h.numpy(), c.numpy(), outputs.numpy())
+            return outputs, c
+        if mode == "GRU":
+            bias_n = recurrent_bias.reshape(-1)[2 * hidden:].contiguous().float()
+            numba_kernels.bsr_gru(*args, bias_n.numpy(), h.numpy(), outputs.numpy())
+            return outputs, None
+        numba_kernels.bsr_elman(*args, h.numpy(), outputs.numpy(), _FUSED_ELMAN[mode])
+        return outputs, None
 
     def nbytes(self, batch: int) -> int:
         return _bsr_bytes(self.tiles_t.shape[0], self.tile, self.shape, batch)
@@ -273,32 +350,40 @@ def _median_time(function: Callable[[], object], repeats: int, device: torch.dev
     return sorted(times)[len(times) // 2]
 
 
-def _elman_sequence(kernel: RecurrentKernel, projected: Tensor, h: Tensor) -> Tensor:
-    """What one Elman layer costs with ``kernel``: fused when it can, else a step loop."""
-    if hasattr(kernel, "run_elman"):
-        return kernel.run_elman(projected, h, "tanh")
+def _sequence(kernel: RecurrentKernel, mode: str, projected: Tensor, h: Tensor) -> Tensor:
+    """What one layer of ``mode`` costs with ``kernel``: fused when it can, else a step loop.
+
+    ``projected`` is (T, batch, rows) and ``h`` (batch, hidden), as a fused layer reads them.
+    """
+    c = torch.zeros_like(h) if mode == "LSTM" else None
+    bias = torch.zeros(kernel.shape[0], 1)
+    if hasattr(kernel, "run_layer"):
+        return kernel.run_layer(mode, projected, h, c, bias)[0]
+    step, h, c = _STEPS[mode], h.t().contiguous(), None if c is None else c.t().contiguous()
     for t in range(projected.shape[0]):
-        h = torch.tanh(kernel(projected[t], h))
+        h, c = step(kernel, projected[t].t(), bias, h, c)
     return h
 
 
 def choose_kernel(weight: Tensor, batch: int, candidates: Sequence[str], tile: int = 16,
-                  repeats: int = 15, elman: bool = False) -> RecurrentKernel:
+                  repeats: int = 15, elman: bool = False, mode: str | None = None) -> RecurrentKernel:
     """Build every applicable candidate kernel for ``weight`` and return the fastest.
 
-    With ``elman=True`` candidates are timed on a short Elman sequence, the way the runtime
-    will use them (a kernel with a fused sequence loop is timed fused).
+    With ``mode`` (RNN_TANH, RNN_RELU, GRU, LSTM; ``elman=True`` means RNN_TANH) candidates
+    are timed on a short sequence of that cell, the way the runtime will use them (a kernel
+    with a fused sequence loop is timed fused); otherwise on one product ``u + W h``.
     """
+    mode = mode or ("RNN_TANH" if elman else None)
     device = weight.device
     h = torch.randn(weight.shape[1], batch).to(device)
     u = torch.randn(weight.shape[0], batch).to(device)
-    projected = torch.randn(8, weight.shape[0], batch).to(device)
+    projected, h_rows = torch.randn(8, batch, weight.shape[0]).to(device), h.t().contiguous()
     best, best_time = None, float("inf")
     for name in candidates:
         if not KERNELS[name].applies(weight, tile):
             continue
         kernel = KERNELS[name](weight, tile)
-        work = (lambda: _elman_sequence(kernel, projected, h)) if elman else (lambda: kernel(u, h))
+        work = (lambda: _sequence(kernel, mode, projected, h_rows)) if mode else (lambda: kernel(u, h))
         work()
         elapsed = _median_time(work, repeats, device)
         if elapsed < best_time:
@@ -454,8 +539,10 @@ class SparseRNN:
         batch_first: inputs and outputs are ``(batch, time, features)``.
         perms: per layer, ``perms[l][i]`` = original index of stored unit ``i``
             (:func:`moduli_transform.export.tiles.permute_rnn` produces such layers); ``None`` = identity.
-        tile: tile size for the ``bsr`` / ``gather`` / ``tiles`` kernels.
+        tile: tile size for the ``bsr`` / ``gather`` / ``tiles`` kernels (``tiles``: 16 only).
         candidates: kernels tried by ``"auto"``.
+        threads: threads of PyTorch's and numba's pools during each call (both set, then
+            restored: :func:`thread_pools`); ``None`` = PyTorch's count at the call.
 
     Example (outputs equal the module's):
         >>> torch.manual_seed(0); rnn = nn.GRU(3, 8, num_layers=2)
@@ -468,7 +555,8 @@ class SparseRNN:
 
     def __init__(self, layers: Sequence[RecurrentLayer], kernel: str = "auto",
                  batch_first: bool = False, perms: Sequence[Tensor | None] | None = None,
-                 tile: int = 16, candidates: Sequence[str] = ("dense", "csr", "bsr", "gather", "tiles")):
+                 tile: int = 16, candidates: Sequence[str] = ("dense", "csr", "bsr", "gather", "tiles"),
+                 threads: int | None = None):
         if kernel != "auto" and kernel not in KERNELS:
             raise RuntimeConfigError(
                 f"unknown kernel {kernel!r}; expected 'auto' or one of {', '.join(KERNELS)}"
@@ -481,6 +569,9 @@ class SparseRNN:
         self.batch_first = batch_first
         self.tile = tile
         self.candidates = tuple(candidates)
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise RuntimeConfigError(f"threads must be a positive integer or None, got {threads!r}")
+        self.threads = threads   # both pools, per call: thread_pools
         device = self.layers[0].weight_hh.device if self.layers else torch.device("cpu")
         self.perms = [None if perm is None else perm.to(device) for perm in perms] if perms is not None \
             else [None] * len(self.layers)
@@ -488,6 +579,7 @@ class SparseRNN:
             raise RuntimeConfigError(
                 f"got {len(self.perms)} permutations for {len(self.layers)} layers"
             )
+        self._inverse = [None if p is None else torch.argsort(p) for p in self.perms]
         self._kernels: dict[tuple[int, int], RecurrentKernel] = {}
         self._input_bias = [layer.input_bias() for layer in self.layers]
         self._recurrent_bias = [layer.recurrent_bias().view(-1, 1) for layer in self.layers]
@@ -513,8 +605,9 @@ class SparseRNN:
         if key not in self._kernels:
             weight = self.layers[index].weight_hh
             if auto:
-                self._kernels[key] = choose_kernel(weight, batch, self.candidates, self.tile,
-                                                   elman=self.layers[index].mode in _FUSED_ELMAN)
+                with thread_pools(self.threads):   # timed the way it will run
+                    self._kernels[key] = choose_kernel(weight, batch, self.candidates, self.tile,
+                                                       mode=self.layers[index].mode)
             else:
                 self._kernels[key] = KERNELS[self.kernel_name](weight, self.tile)
         return self._kernels[key]
@@ -536,20 +629,24 @@ class SparseRNN:
     def _final(self, columns: Tensor, index: int) -> Tensor:
         state = columns.t()
         if self.perms[index] is not None:
-            state = state[:, torch.argsort(self.perms[index])]
+            state = state[:, self._inverse[index]]
         return state
 
     def _run_layer(self, index: int, inputs: Tensor, h: Tensor, c: Tensor | None):
         layer = self.layers[index]
         steps, batch = inputs.shape[0], inputs.shape[1]
-        projected = torch.addmm(self._input_bias[index], inputs.reshape(steps * batch, -1),
-                                layer.weight_ih.t())
-        projected = projected.view(steps, batch, -1).transpose(1, 2).contiguous()
         kernel, step = self.kernel(index, batch), _STEPS[layer.mode]
-        if layer.mode in _FUSED_ELMAN and steps > 0 and hasattr(kernel, "run_elman"):
-            outputs = kernel.run_elman(projected, h, _FUSED_ELMAN[layer.mode])
-            return outputs.transpose(1, 2), outputs[-1], c
+        fused = steps > 0 and hasattr(kernel, "run_layer")
+        # numba's threads run a fused layer: no PyTorch worker may be left spinning on their cores
+        with _torch_threads(1) if fused else contextlib.nullcontext():
+            projected = torch.addmm(self._input_bias[index], inputs.reshape(steps * batch, -1),
+                                    layer.weight_ih.t()).view(steps, batch, -1)
         rec_bias = self._recurrent_bias[index]
+        if fused:   # batch-major all the way: (T, batch, rows) in, (T, batch, H) out
+            outputs, c = kernel.run_layer(layer.mode, projected, h.t(), None if c is None else c.t(),
+                                          rec_bias)
+            return outputs, outputs[-1].t(), None if c is None else c.t()
+        projected = projected.transpose(1, 2).contiguous()
         outputs = torch.empty(steps, layer.hidden_size, batch, device=projected.device)
         for t in range(steps):
             h, c = step(kernel, projected[t], rec_bias, h, c)
@@ -562,6 +659,10 @@ class SparseRNN:
 
         Returns ``(output, h_n)``, or ``(output, (h_n, c_n))`` for an LSTM.
         """
+        with thread_pools(self.threads):
+            return self._forward(inputs, state)
+
+    def _forward(self, inputs: Tensor, state: Tensor | tuple[Tensor, Tensor] | None):
         unbatched = inputs.dim() == 2
         if unbatched:
             inputs = inputs.unsqueeze(1)
@@ -587,7 +688,7 @@ class SparseRNN:
                 finals_c.append(self._final(c, index))
         output = layer_input
         if self.perms[-1] is not None:
-            output = output[..., torch.argsort(self.perms[-1])]
+            output = _take_columns(output, self._inverse[-1])
         output = output.contiguous()
         h_n = torch.stack(finals_h) if _uniform(finals_h) else finals_h
         result_state = (h_n, torch.stack(finals_c) if _uniform(finals_c) else finals_c) \
@@ -599,6 +700,16 @@ class SparseRNN:
         elif self.batch_first:
             output = output.transpose(0, 1)
         return output, result_state
+
+
+def _take_columns(tensor: Tensor, index: Tensor) -> Tensor:
+    """``tensor[..., index]``, compiled when numba is there (PyTorch's indexing took a third
+    of a tiled batch-16 sequence)."""
+    if not numba_kernels.AVAILABLE:
+        return tensor[..., index]
+    rows = tensor.contiguous().view(-1, tensor.shape[-1]).numpy()
+    taken = numba_kernels.gather_columns(rows, index.numpy())
+    return torch.from_numpy(taken).view(*tensor.shape[:-1], index.shape[0])
 
 
 def _uniform(tensors: Sequence[Tensor]) -> bool:
