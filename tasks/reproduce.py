@@ -235,7 +235,7 @@ def _fail(message: str) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from .reproduction import is_report, write_report
+    from .reproduction import check_report_path, write_report
 
     unknown = [t for t in args.tasks if t not in GRID]
     if unknown:
@@ -254,9 +254,10 @@ def _reproduce(args: argparse.Namespace) -> int:
         return _fail(str(error))
 
     report_path = Path(args.report) if args.report is not None else Path(args.runs) / "REPRODUCTION.md"
-    if not is_report(report_path):
-        return _fail(f"{report_path} exists and is not a report written by `moduli-transform reproduce`; "
-                     "it is left alone: pass another --report path")
+    try:
+        check_report_path(report_path)  # before any run: a foreign file is never replaced
+    except FileExistsError as error:
+        return _fail(str(error))
 
     def report(*_: Any) -> None:
         write_report(args.runs, report_path)
