@@ -126,6 +126,9 @@ class Task(abc.ABC):
     presets: dict[str, Preset]
     # A seed "learned" the task when its metric is below (above, if higher is better) this.
     learned_threshold: float | None = None
+    # True when train_batch depends on the generator alone (not on the step or the task's
+    # state): the runner may then draw batches ahead in a background thread (tasks/prefetch.py).
+    prefetch_batches: bool = False
 
     def __init__(self, preset: Preset, data: str | None = None) -> None:
         self.preset = preset
@@ -165,8 +168,10 @@ class Task(abc.ABC):
         """The training batch of ``step`` (the runner times this call as data time)."""
 
     @abc.abstractmethod
-    def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, float]:
-        """Training loss (differentiable) and the batch's metric (a float, for logging)."""
+    def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, float | Callable[[], float]]:
+        """Training loss (differentiable) and the batch's metric, for logging: a float, or a
+        function of no arguments computing it when it is logged (when it costs a step's
+        fraction, as navigation's decoding does)."""
 
     @abc.abstractmethod
     def evaluate(self, model: nn.Module, split: str = "valid") -> float:

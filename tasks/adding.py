@@ -161,6 +161,7 @@ class AddingTask(Task):
     higher_is_better = False
     learned_threshold = 0.1  # predicting 1 always scores 0.408
     presets = PRESETS
+    prefetch_batches = True  # batches depend on the generator alone
     preset: AddingPreset
 
     def __init__(self, preset: AddingPreset, data: str | None = None) -> None:

@@ -41,6 +41,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -49,7 +50,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy
 import torch
@@ -64,6 +65,7 @@ from moduli_transform.distributed import (backend_for, barrier, init_distributed
 from . import LOTTERY_EMBEDDINGS, TASKS, Preset, Task, get_task
 from .checkpoint import (capture_training_state, flatten_state, load_checkpoint, restore_training_state,
                          save_checkpoint, unflatten_state)
+from .prefetch import BatchPrefetcher
 from .progress import progress_bar, resolve_mode
 from .run_folder import RunFolderError, claim_run_folder, holds_run
 
@@ -346,11 +348,13 @@ class _Progress:
 class _Run:
     """The state of one run while it trains (kept off the public API)."""
 
-    def __init__(self, config: RunConfig, device: torch.device = torch.device("cpu")) -> None:
+    def __init__(self, config: RunConfig, device: torch.device = torch.device("cpu"), prefetch: bool = True) -> None:
         import moduli_transform as mt
 
         self.config = config
         self.device = device
+        self.prefetch = prefetch
+        self._batches: BatchPrefetcher | None = None
         self.out = Path(config.out)
         task_class = get_task(config.task)
         self.preset = task_class.get_preset(config.preset).with_overrides(
@@ -439,10 +443,13 @@ class _Run:
             total = total + self.preset.strength * self._parameters[name].abs().mean()
         return total
 
-    def train_step(self, phase: str, phase_step: int) -> tuple[float, float]:
+    def train_step(self, phase: str, phase_step: int) -> tuple[float, float | Callable[[], float]]:
         started = time.perf_counter()
         # Every rank draws the same global batch and trains on its equal slice.
-        batch = to_device(self.task.train_batch(phase_step, self.generator), self.device)
+        if self._batches is not None:
+            batch = to_device(self._batches.next(), self.device)
+        else:
+            batch = to_device(self.task.train_batch(phase_step, self.generator), self.device)
         batch = shard_batch(batch, dim=getattr(self.task, "batch_dim", 0))
         data_done = time.perf_counter()
         self.model.train()
@@ -467,11 +474,15 @@ class _Run:
         finally:
             self.model.train()
 
-    def after_step(self, file: Any, phase: str, loss: float, metric: float) -> float | None:
-        """Logging, evaluations and phase transitions after step ``progress.step``; returns a validation metric."""
+    def after_step(self, file: Any, phase: str, loss: float, metric: float | Callable[[], float]) -> float | None:
+        """Logging, evaluations and phase transitions after step ``progress.step``; returns a validation metric.
+
+        ``metric`` is the training batch's metric, or the task's function computing it
+        (:meth:`Task.loss`), called only on logged steps.
+        """
         step, results, phases = self.progress.step, self.progress.results, self.phases
         if step % self.preset.log_every == 0:
-            self.log(file, phase, "train", loss, metric)
+            self.log(file, phase, "train", loss, metric() if callable(metric) else metric)
         valid = None
         every = self.phases.dense if self.preset.schedule == "epochs" else self.preset.eval_every
         if step % every == 0:
@@ -504,7 +515,11 @@ class _Run:
             file.seek(self.progress.metrics_bytes)
             bar = progress_bar(self.phases.total, initial=self.progress.step, mode=progress if main else "off",
                                desc=f"{self.config.task}/{self.config.regularizer}")
-            with bar:
+            # Batches drawn ahead from where the loop's generator stands now (after a restore:
+            # where the checkpoint left it), so a resumed run sees the same batches.
+            if self.prefetch and self.task.prefetch_batches:
+                self._batches = BatchPrefetcher(lambda generator: self.task.train_batch(0, generator), self.generator)
+            with bar, self._stop_prefetching_on_exit():
                 resumed_at = time.perf_counter() - self.progress.wall_time_s
                 while self.progress.step < self.phases.total:
                     if stop_after is not None and self.progress.step >= stop_after:
@@ -521,6 +536,16 @@ class _Run:
                         file.flush()
                         self.progress.metrics_bytes = file.tell()
                         self.save_checkpoint()
+
+    @contextlib.contextmanager
+    def _stop_prefetching_on_exit(self) -> Iterator[None]:
+        """Close the batch producer when the loop ends; a later train_step draws in series."""
+        try:
+            yield
+        finally:
+            if self._batches is not None:
+                self._batches.close()
+                self._batches = None
 
     def tail_metric(self, phases: tuple[str, ...]) -> float | None:
         values = [metric for phase, metric in self.progress.evaluations if phase in phases]
@@ -554,7 +579,7 @@ class _Run:
 
 
 def run(config: RunConfig, *, progress: bool | str = True, stop_after: int | None = None,
-        overwrite: bool = False, device: str | torch.device = "cpu") -> dict[str, Any]:
+        overwrite: bool = False, device: str | torch.device = "cpu", prefetch: bool = True) -> dict[str, Any]:
     """Train, prune and (optionally) retrain the lottery ticket; write the run directory.
 
     A run folder is never cleared: ``config.out`` must be missing or empty, or hold this
@@ -573,6 +598,9 @@ def run(config: RunConfig, *, progress: bool | str = True, stop_after: int | Non
             ``"cpu"``, ``"cuda"``, ``"cuda:N"``). Not part of the run's identity (not in
             ``config``): a run started on one device resumes on another, and a finished run
             is reused whatever device asks for it. The summary records it (``"device"``).
+        prefetch: draw the next training batches in a background thread while the model
+            trains (tasks with ``prefetch_batches``: navigation, adding). Bit-exact either
+            way (:mod:`moduli_transform.tasks.prefetch`), so not part of the run's identity.
 
     Returns:
         The summary (also written to ``<out>/summary.json``; keys :data:`SUMMARY_KEYS`
@@ -601,7 +629,7 @@ def run(config: RunConfig, *, progress: bool | str = True, stop_after: int | Non
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        return _run(config, progress, stop_after, resolved)
+        return _run(config, progress, stop_after, resolved, prefetch)
     finally:
         torch.set_num_threads(threads)
 
@@ -649,8 +677,9 @@ def initial_embeddings(config: RunConfig) -> dict[str, tuple[torch.Tensor, torch
         state.handle.remove()
 
 
-def _run(config: RunConfig, progress: bool | str, stop_after: int | None, device: torch.device) -> dict[str, Any]:
-    state = _Run(config, device)
+def _run(config: RunConfig, progress: bool | str, stop_after: int | None, device: torch.device,
+         prefetch: bool = True) -> dict[str, Any]:
+    state = _Run(config, device, prefetch)
     main = is_main_process()  # rank 0 alone writes the run directory
     if main:
         state.out.mkdir(parents=True, exist_ok=True)

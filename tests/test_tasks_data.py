@@ -70,8 +70,13 @@ def test_navigation_batch_shapes_and_loss():
     assert start_code.shape == (preset.batch_size, preset.place_cells)
     assert codes.shape == (preset.batch_size, preset.sequence_length, preset.place_cells)
     torch.manual_seed(0)
-    loss, error = task.loss(task.build_model(), (velocities, start_code, codes, positions))
-    assert loss.requires_grad and math.isfinite(float(loss.detach())) and error > 0
+    model = task.build_model()
+    loss, error = task.loss(model, (velocities, start_code, codes, positions))
+    assert loss.requires_grad and math.isfinite(float(loss.detach()))
+    # The batch's error is computed when asked for (on logged steps), from the same logits.
+    with torch.no_grad():
+        expected = task._error_cm(model(velocities, start_code), positions)
+    assert callable(error) and error() == pytest.approx(expected) and expected > 0
 
 
 # -- language model ---------------------------------------------------------------------
