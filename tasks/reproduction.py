@@ -181,6 +181,9 @@ DIFFERENCES = """\
   pruned to the target (per tensor). At 256 units the authors' global scope strips W_hh to about
   99.5% (encoder and decoder are as large as W_hh there; at their 4,096 units W_hh is 81% of the
   pruned weights), so its tables test whether the controls' ordering returns at exactly 90% W_hh.
+* **`paper-lr1e-3` (adding) is ours, not the authors':** the `paper` preset at Adam lr 1e-3
+  instead of their 1e-4, to test whether the learning rate is what keeps every control on the
+  0.41 plateau at 99% (the issue's independent run at 1e-3 learned there).
 * **Pruned weights.** `torch.nn.utils.prune` keeps pruned weights in `weight_orig`, where Adam's
   momentum still moves them, and zeroes them when `prune.remove` runs each epoch; we keep them at
   exactly 0 throughout. Both never revive a pruned weight.

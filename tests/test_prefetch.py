@@ -69,7 +69,7 @@ def test_close_stops_the_thread_and_depth_is_checked():
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("task", ["navigation", "adding"])
+@pytest.mark.parametrize("task", ["navigation"])
 def test_a_run_is_bit_identical_with_and_without_prefetch(tmp_path, task):
     outputs = {}
     for prefetch in (True, False):

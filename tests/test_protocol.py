@@ -216,3 +216,10 @@ def test_summary_metric_is_the_mean_of_the_last_5_percent_of_evaluations(tmp_pat
     assert summary["sparse_tail_metric"] == pytest.approx(tail_mean(sparse, 0.05)) == pytest.approx(sparse[-1])
     assert summary["lottery_tail_metric"] == pytest.approx(lottery[-1])
     assert tail_mean(list(range(100)), 0.05) == pytest.approx(sum(range(95, 100)) / 5)
+
+
+def test_adding_paper_lr_preset_differs_from_paper_in_the_learning_rate_alone():
+    presets = get_task("adding").presets
+    paper, fast = presets["paper"].to_dict(), presets["paper-lr1e-3"].to_dict()
+    assert {k for k in paper if paper[k] != fast[k]} == {"lr"}
+    assert (paper["lr"], fast["lr"]) == (1e-4, 1e-3)
