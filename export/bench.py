@@ -23,6 +23,8 @@ Libraries (rows):
     ours           :class:`SparseRNN` ``kernel="auto"`` on the unstructured weights
     ours_tiled     :class:`SparseRNN` ``kernel="auto"`` on tile-pruned weights in
                    geometric (Hilbert) order, permutation folded in
+    ours_tiled_fp16  the same weights with ``kernel="tiles16"``: tiles stored in float16
+                   (half the bytes; outputs those of W_hh rounded to float16), CPU only
 
 On a CUDA device (``--device cuda``) the same rows run on the GPU: ``torch_rnn`` is the
 dense cuDNN/cuBLAS reference, ``dense_loop`` cuBLAS addmv/addmm, ``torch_csr`` and the
@@ -70,9 +72,10 @@ __all__ = [
     "main",
 ]
 
-LIBRARIES = ("torch_rnn", "dense_loop", "torch_csr", "ort_dense", "ours", "ours_tiled")
+LIBRARIES = ("torch_rnn", "dense_loop", "torch_csr", "ort_dense", "ours", "ours_tiled", "ours_tiled_fp16")
 # Rows that need the CPU: skipped on a CUDA device, with the reason printed.
-CPU_ONLY = {"ort_dense": "ONNX Runtime runs here with its CPU execution provider"}
+CPU_ONLY = {"ort_dense": "ONNX Runtime runs here with its CPU execution provider",
+            "ours_tiled_fp16": "the numba tiles kernels are CPU only"}
 PATTERNS = ("random", "torus", "tiles")
 CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 INPUT_SIZE = 64
@@ -265,7 +268,7 @@ def _runner(library: str, config: BenchConfig, threads: int, device: torch.devic
     """(run function, bytes read per step) for one library on one config, on ``device``."""
     if library in ("torch_rnn", "ort_dense", "dense_loop"):
         module, perms = build_module(config, "dense")
-    elif library == "ours_tiled":
+    elif library in ("ours_tiled", "ours_tiled_fp16"):
         module, perms = build_module(config, "tiled")
     else:
         module, perms = build_module(config, "unstructured")
@@ -275,7 +278,7 @@ def _runner(library: str, config: BenchConfig, threads: int, device: torch.devic
     elif library == "ort_dense":
         run = _ort_runner(module, threads, config.batch)
     else:
-        kernel = {"dense_loop": "dense", "torch_csr": "csr"}.get(library, "auto")
+        kernel = {"dense_loop": "dense", "torch_csr": "csr", "ours_tiled_fp16": "tiles16"}.get(library, "auto")
         # block kernels only for tile patterns: on a random pattern every tile is occupied
         tiled = library == "ours_tiled" or config.pattern == "tiles"
         candidates = ("csr", "bsr", "gather", "tiles") if tiled else ("dense", "csr")

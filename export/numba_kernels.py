@@ -75,10 +75,15 @@ if AVAILABLE:
         registers over the 16 rows of the tile.
         """
         floats = types.Array(types.float32, 1, "C")
-        if not all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 1
-                   for a in (acc, tiles, x)):
+        if not all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 1 for a in (acc, x)):
             return None
-        signature = types.void(floats, types.intp, floats, types.intp, floats, types.intp,
+        # Tiles in float32, or in IEEE half precision held as uint16 bits (half the bytes:
+        # widened to float32 in registers, one vcvtph2ps per tile row where F16C exists).
+        half = isinstance(tiles, types.Array) and tiles.dtype == types.uint16 and tiles.ndim == 1
+        if not (half or (isinstance(tiles, types.Array) and tiles.dtype == types.float32 and tiles.ndim == 1)):
+            return None
+        tile_type = types.Array(types.uint16, 1, "C") if half else floats
+        signature = types.void(floats, types.intp, tile_type, types.intp, floats, types.intp,
                                types.intp)
 
         def codegen(context, builder, sig, args):
@@ -93,8 +98,14 @@ if AVAILABLE:
             chains += [ir.Constant(vector, [0.0] * TILE)] * (_CHAINS - 1)
             for j in range(TILE):
                 row_start = builder.add(args[3], ir.Constant(index, TILE * j))
-                row_pointer = builder.bitcast(builder.gep(tile_data, [row_start]), vector.as_pointer())
-                row = builder.load(row_pointer, align=4)
+                if half:
+                    bits = ir.VectorType(ir.IntType(16), TILE)
+                    row_pointer = builder.bitcast(builder.gep(tile_data, [row_start]), bits.as_pointer())
+                    row = builder.bitcast(builder.load(row_pointer, align=2), ir.VectorType(ir.HalfType(), TILE))
+                    row = builder.fpext(row, vector)
+                else:
+                    row_pointer = builder.bitcast(builder.gep(tile_data, [row_start]), vector.as_pointer())
+                    row = builder.load(row_pointer, align=4)
                 x_index = builder.add(args[5], builder.mul(args[6], ir.Constant(index, j)))
                 value = builder.load(builder.gep(x_data, [x_index]))
                 broadcast = builder.insert_element(ir.Constant(vector, ir.Undefined), value,

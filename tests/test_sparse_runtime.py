@@ -45,10 +45,44 @@ def _max_error(actual, expected) -> float:
 def test_outputs_equal_module(cell, options, batch, kernel):
     module = _pruned(cell, options)
     x = torch.randn(7, batch, 5)
+    if kernel == "tiles16":  # half-precision tiles: the module with W_hh rounded to float16
+        module = _half_recurrent(module)
     expected = module(x)
     actual = SparseRNN.from_module(module, kernel=kernel)(x)
     assert _max_error(actual[0], expected[0]) <= ATOL
     assert _max_error(actual[1], expected[1]) <= ATOL
+
+
+def _half_recurrent(module: nn.RNNBase) -> nn.RNNBase:
+    rounded = __import__("copy").deepcopy(module)
+    with torch.no_grad():
+        for name, parameter in rounded.named_parameters():
+            if name.startswith("weight_hh"):
+                parameter.copy_(parameter.half().float())
+    return rounded
+
+
+@pytest.mark.parametrize("cell,options", CELLS)
+def test_half_tiles_stay_close_to_the_float32_module_and_are_never_chosen_unasked(cell, options):
+    module = _pruned(cell, options, hidden=64)
+    x = torch.randn(20, 2, 5)
+    expected = module(x)[0]
+    half = SparseRNN.from_module(module, kernel="tiles16")
+    error = _max_error(half(x)[0], expected)
+    # Rounding each kept weight to float16 (relative 2^-11) moves the outputs by about 1e-4 here.
+    assert 0 < error < 2e-3
+    assert half.nbytes_per_step(2) < SparseRNN.from_module(module, kernel="tiles").nbytes_per_step(2)
+    auto = SparseRNN.from_module(module, kernel="auto")
+    auto(x)
+    assert "tiles16" not in {k.name for k in auto._kernels.values()}
+
+
+def test_half_tiles_refuse_weights_beyond_float16():
+    module = _pruned(nn.RNN, {"nonlinearity": "tanh"}, layers=1)
+    with torch.no_grad():
+        module.weight_hh_l0[0, 0] = 1e5
+    with pytest.raises(RuntimeConfigError, match=r"magnitude 1e\+05 does not fit in float16 \(max 65504\)"):
+        SparseRNN.from_module(module, kernel="tiles16")(torch.randn(3, 1, 5))
 
 
 @pytest.mark.parametrize("cell,options", CELLS)
