@@ -267,22 +267,55 @@ def ordering(means: dict[str, float], higher_is_better: bool) -> str:
     return sign.join(f"{name} {means[name]:.3g}" for name in ranked)
 
 
-def _table(records: Sequence[dict], task: str, key: str, threshold: float | None, higher: bool) -> list[str]:
+# Preset fields that only say what is pruned: a dense run (sparsity 0, nothing pruned) is the same
+# training under presets that differ in these alone, so such presets share their dense baseline.
+PRUNING_ONLY_FIELDS = frozenset({"scope", "prune_also"})
+
+
+def dense_source(task: str, preset: str, presets_with_dense: Sequence[str]) -> str | None:
+    """The preset whose dense runs stand for ``preset``'s: itself if it has them, else one of
+    ``presets_with_dense`` that differs from it only in :data:`PRUNING_ONLY_FIELDS`; None if none does.
+
+    Example:
+        >>> dense_source("navigation", "cpu-recurrent", ["paper", "cpu"])
+        'cpu'
+        >>> dense_source("navigation", "paper", ["cpu"]) is None
+        True
+    """
+    if preset in presets_with_dense:
+        return preset
+    task_class = get_task(task)
+    if preset not in task_class.presets:
+        return None
+
+    def training(name: str) -> dict:
+        return {k: v for k, v in task_class.get_preset(name).to_dict().items() if k not in PRUNING_ONLY_FIELDS}
+
+    wanted = training(preset)
+    return next((other for other in presets_with_dense
+                 if other in task_class.presets and training(other) == wanted), None)
+
+
+def _table(records: Sequence[dict], task: str, key: str, threshold: float | None, higher: bool,
+           dense_records: Sequence[dict] | None = None, dense_label: str = "Dense") -> list[str]:
     regularizers, sparsities = GRID[task]
+    dense_records = records if dense_records is None else dense_records
     lines = ["| | " + " | ".join(regularizers) + " |", "|---" * (len(regularizers) + 1) + "|"]
     dense_key = "sparse_tail_metric"  # a dense baseline has no lottery of its own
-    lines.append("| Dense | " + " | ".join(cell(_values(records, r, DENSE, dense_key), threshold, higher)
-                                          for r in regularizers) + " |")
+    lines.append(f"| {dense_label} | " + " | ".join(cell(_values(dense_records, r, DENSE, dense_key), threshold, higher)
+                                                  for r in regularizers) + " |")
     for sparsity in sparsities:
         lines.append(f"| {100 * sparsity:g}% | " + " | ".join(
             cell(_values(records, r, sparsity, key), threshold, higher) for r in regularizers) + " |")
     return lines
 
 
-def _statements(records: Sequence[dict], task: str, key: str, higher: bool) -> list[str]:
-    """Per sparsity: the ranking, and whether moduli is best as the paper reports."""
+def _statements(records: Sequence[dict], task: str, key: str, higher: bool,
+                dense_records: Sequence[dict] = ()) -> list[str]:
+    """Per sparsity: the ranking, whether moduli is best as the paper reports, and the dense reference."""
     regularizers, sparsities = GRID[task]
     lines = []
+    dense = _values(dense_records, "none", DENSE, "sparse_tail_metric")
     for sparsity in sparsities:
         means = {r: statistics.mean(v) for r in regularizers if (v := _values(records, r, sparsity, key))}
         if len(means) < 2:
@@ -304,6 +337,11 @@ def _statements(records: Sequence[dict], task: str, key: str, higher: bool) -> l
                                              for r in means for v in _values(records, r, sparsity, key)):
             text += (f" No seed of any control learned the task here ({'none above' if higher else 'all above'} "
                      f"{threshold:g}): the ordering ranks models that failed.")
+        if dense:
+            best = sorted(means, key=means.get, reverse=higher)[0]
+            text += (f" The dense model (none at sparsity 0, {len(dense)} seeds) scores {statistics.mean(dense):.3g}; "
+                     f"the best pruned control, {best}, is {abs(means[best] - statistics.mean(dense)):.3g} "
+                     f"{'better' if (means[best] > statistics.mean(dense)) == higher else 'worse'}.")
         seeds = {len(_values(records, r, sparsity, key)) for r in means}
         if min(seeds) < 3:
             text += f" (fewer than 3 seeds in some cells: {min(seeds)})"
@@ -325,8 +363,14 @@ def task_section(task: str, records: Sequence[dict]) -> str:
         lines += ["None saved in the authors' repository (15ef708); the paper's own tables are not "
                   "transcribed here (see arXiv 2406.06290v2).", ""]
     presets = ["cpu", "paper", *sorted({r["preset"] for r in records if r["task"] == task} - {"cpu", "paper"})]
+    with_dense = [p for p in presets if any(r["task"] == task and r["preset"] == p and abs(r["sparsity"]) < 1e-9
+                                            for r in records)]
     for preset in presets:
         ours = [r for r in records if r["task"] == task and r["preset"] == preset]
+        source = dense_source(task, preset, with_dense)
+        dense_records = one_per_seed([r for r in records if r["task"] == task and r["preset"] == source])
+        dense_label = "Dense" if source in (None, preset) else \
+            f"Dense (the `{source}` runs: the same training, nothing pruned)"
         for kind, key, pool in (("sparse", "sparse_tail_metric", one_per_seed(ours)),
                                 ("lottery", "lottery_tail_metric", [r for r in ours if r["lottery"]])):
             if kind == "lottery" and not pool:
@@ -335,11 +379,11 @@ def task_section(task: str, records: Sequence[dict]) -> str:
                       f"{'above' if higher else 'below'} {threshold:g}" if threshold is not None else ""
             lines += [f"### Ours, `{preset}` preset, {kind} ({task_class.metric_name}, mean (std) over seeds"
                       f"{learned})", ""]
-            lines += _table(pool, task, key, threshold, higher)
+            lines += _table(pool, task, key, threshold, higher, dense_records, dense_label)
             times = [r["wall_time_s"] for r in pool if r.get("wall_time_s")]
             if times:
                 lines += ["", f"{len(pool)} runs, {statistics.mean(times) / 60:.1f} min per run on one thread."]
-            statements = _statements(pool, task, key, higher)
+            statements = _statements(pool, task, key, higher, dense_records)
             if statements:
                 lines += ["", "Ordering (best first):", "", *statements]
             lines.append("")

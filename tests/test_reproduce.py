@@ -143,3 +143,38 @@ def test_report_never_replaces_a_file_it_did_not_write(tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and str(notes) in error and "--report" in error
     assert notes.read_text() == "# my notes\n"
+
+
+def _fake_run(runs: Path, preset: str, regularizer: str, sparsity: float, seed: int, metric: float) -> None:
+    """A finished navigation run as `collect` reads it (summary.json + config.json)."""
+    folder = runs / f"navigation-{preset}" / f"{regularizer}-s{sparsity:g}-seed{seed}"
+    folder.mkdir(parents=True)
+    summary = {"task": "navigation", "preset": preset, "regularizer": regularizer, "sparsity": sparsity,
+               "seed": seed, "sparse_tail_metric": metric, "lottery_tail_metric": None, "wall_time_s": 60.0}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "config.json").write_text(json.dumps({"run": {"lottery": False}}))
+
+
+def test_a_preset_differing_only_in_what_is_pruned_shows_the_dense_runs_it_shares(tmp_path):
+    from moduli_transform.tasks.reproduction import dense_source
+
+    # cpu-recurrent is the cpu preset with another pruning scope: nothing is pruned at sparsity 0.
+    assert dense_source("navigation", "cpu-recurrent", ["paper", "cpu"]) == "cpu"
+    assert dense_source("navigation", "cpu-recurrent", ["paper"]) is None  # paper trains differently
+    assert dense_source("navigation", "cpu", ["cpu", "cpu-recurrent"]) == "cpu"  # its own first
+    runs = tmp_path / "runs"
+    for seed, metric in enumerate((10.0, 12.0)):
+        _fake_run(runs, "cpu", "none", 0.0, seed, metric)
+    for seed, metric in enumerate((20.0, 22.0)):
+        _fake_run(runs, "cpu-recurrent", "moduli", 0.9, seed, metric)
+        _fake_run(runs, "cpu-recurrent", "none", 0.9, seed, metric + 40)
+    text = render(runs, ["navigation"])
+    recurrent = text.split("### Ours, `cpu-recurrent` preset, sparse")[1].split("###")[0]
+    dense_row = [line for line in recurrent.splitlines() if line.startswith("| Dense")][0]
+    assert dense_row.startswith("| Dense (the `cpu` runs: the same training, nothing pruned) |")
+    assert dense_row.split(" | ")[-1] == cell([10.0, 12.0], 30.0, False) + " |"  # the none column
+    statement = [line for line in recurrent.splitlines() if line.startswith("* 90%")][0]
+    assert "The dense model (none at sparsity 0, 2 seeds) scores 11; the best pruned control, moduli, is 10 worse." \
+        in statement
+    own = text.split("### Ours, `cpu` preset, sparse")[1].split("###")[0]
+    assert [line for line in own.splitlines() if line.startswith("| Dense")][0].startswith("| Dense | ")
