@@ -58,16 +58,13 @@ class _ReluRNN(torch.autograd.Function):
         grad_states = grad_states.contiguous()
         # grad_pre[:, t]: the gradient at step t before the ReLU.
         grad_pre = torch.empty_like(states)
-        grad_state = None
-        incoming = torch.empty_like(states[:, 0])
+        incoming = grad_states[:, length - 1].clone()
         for t in reversed(range(length)):
-            if grad_state is None:
-                incoming.copy_(grad_states[:, t])
-            else:
-                torch.add(grad_states[:, t], grad_state, out=incoming)
             # relu'(pre) = 0 where the output is 0: ReLU's own backward kernel.
             torch.ops.aten.threshold_backward.grad_input(incoming, states[:, t], 0.0, grad_input=grad_pre[:, t])
-            grad_state = grad_pre[:, t] @ weight_hh
+            if t > 0:  # the gradient reaching h[t-1]: its own output's plus W_hh's, in one addmm
+                torch.addmm(grad_states[:, t - 1], grad_pre[:, t], weight_hh, out=incoming)
+        grad_state = grad_pre[:, 0] @ weight_hh
         # sum over b, t of grad_pre[b, t]^T h[b, t-1] (h[b, -1] = h0[b]) as ONE product: row r of
         # the flattened gradient against row r-1 of the flattened states. The rows r = b*T pair
         # across walks (with h[b-1, T-1]); two small products take those out and put h0 in.

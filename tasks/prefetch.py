@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from typing import Any, Callable
@@ -35,6 +36,15 @@ import torch
 __all__ = ["BatchPrefetcher"]
 
 _STOP = object()
+
+
+def _lower_priority_of_this_thread() -> None:
+    """Nice the calling thread (Linux: priorities are per thread) so that, when the cores are all
+    taken by the training step's own threads, drawing ahead takes only what they leave idle."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not permitted: the thread keeps its priority
+        pass
 
 
 class BatchPrefetcher:
@@ -56,9 +66,12 @@ class BatchPrefetcher:
         self._ready: queue.Queue = queue.Queue(maxsize=depth)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="batch-prefetcher", daemon=True)
+        self.thread_id: int | None = None  # the producer's native id, once it runs
         self._thread.start()
 
     def _produce(self) -> None:
+        self.thread_id = threading.get_native_id()
+        _lower_priority_of_this_thread()
         while not self._stopping.is_set():
             try:
                 item: Any = (self._draw(self._private), self._private.get_state())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 
 import pytest
@@ -82,3 +84,13 @@ def test_a_run_is_bit_identical_with_and_without_prefetch(tmp_path, task):
     assert (tmp_path / "True" / "metrics.jsonl").read_text() == (tmp_path / "False" / "metrics.jsonl").read_text()
     for key in ("dense_metric", "sparse_metric", "lottery_metric", "sparse_tail_metric"):
         assert outputs[True][key] == outputs[False][key]
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority") or sys.platform != "linux", reason="per-thread priorities are Linux's")
+def test_the_producer_thread_runs_at_the_lowest_priority_and_the_caller_keeps_its_own():
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    with BatchPrefetcher(_draw, torch.Generator().manual_seed(0)) as batches:
+        batches.next()  # the producer has run
+        assert batches.thread_id is not None and batches.thread_id != threading.get_native_id()
+        assert os.getpriority(os.PRIO_PROCESS, batches.thread_id) == 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
