@@ -26,6 +26,8 @@ of the same loops (no parallel region at all). Numba is imported lazily: without
 
 from __future__ import annotations
 
+import types as types_module
+
 import numpy as np
 
 try:  # pragma: no cover - exercised by whichever branch the machine has
@@ -266,8 +268,24 @@ if AVAILABLE:
                     new = acc[2 * gate + a]
                     h_out[b, base + i] = new + acc[gate + a] * (h[b, base + i] - new)
 
-    _parallel = njit(parallel=True, fastmath=_FAST, error_model="numpy", cache=True, nogil=True)
-    _serial = njit(fastmath=_FAST, error_model="numpy", cache=True, nogil=True)
+    def _named(function, suffix):
+        """A copy of ``function`` under its own name. Numba's on-disk cache keys a compiled
+        function by its module, qualified name and line, not by its compile options, so a
+        serial and a parallel build of one Python function would share one cache entry and
+        whichever was compiled first would be loaded for both (the parallel kernels then ran
+        on one thread). Each build therefore compiles a copy with its own name."""
+        copy = types_module.FunctionType(function.__code__, function.__globals__, function.__name__ + suffix,
+                                         function.__defaults__, function.__closure__)
+        copy.__qualname__ = function.__qualname__ + suffix
+        return copy
+
+    def _parallel(function):
+        return njit(parallel=True, fastmath=_FAST, error_model="numpy", cache=True,
+                    nogil=True)(_named(function, "_parallel"))
+
+    def _serial(function):
+        return njit(fastmath=_FAST, error_model="numpy", cache=True, nogil=True)(_named(function, "_serial"))
+
     _elman_parallel, _elman_serial = _parallel(_elman_step), _serial(_elman_step)
     _lstm_parallel, _lstm_serial = _parallel(_lstm_step), _serial(_lstm_step)
     _gru_parallel, _gru_serial = _parallel(_gru_step), _serial(_gru_step)

@@ -202,3 +202,37 @@ def test_gather_columns_equals_indexing():
     assert np.array_equal(numba_kernels.gather_columns(source, index), source[:, index])
     with pytest.raises(ValueError, match="column index outside 0..39"):
         numba_kernels.gather_columns(source, np.array([0, 40]))
+
+
+def test_serial_and_parallel_builds_keep_separate_cache_entries(tmp_path):
+    # Numba's on-disk cache keys a function by module, name and line, not by its compile
+    # options: one Python function built serial and parallel shared one entry, and the
+    # parallel kernels loaded the serial code (one thread whatever the count). Each build now
+    # compiles a copy under its own name, so both entries exist side by side.
+    import os
+    import subprocess
+    import sys
+
+    for serial, parallel in ((numba_kernels._elman_serial, numba_kernels._elman_parallel),
+                             (numba_kernels._lstm_serial, numba_kernels._lstm_parallel),
+                             (numba_kernels._gru_serial, numba_kernels._gru_parallel)):
+        assert serial.py_func.__qualname__.endswith("_serial")
+        assert parallel.py_func.__qualname__.endswith("_parallel")
+        assert serial.targetoptions.get("parallel") is not True and parallel.targetoptions["parallel"] is True
+    script = (
+        "import torch; from torch import nn\n"
+        "from moduli_transform.export.sparse_runtime import SparseRNN\n"
+        "from moduli_transform.export.tiles import tile_prune\n"
+        "torch.manual_seed(0); rnn = nn.RNN(3, 32)\n"
+        "with torch.no_grad(): rnn.weight_hh_l0.mul_(tile_prune(rnn.weight_hh_l0, 0.5, 16))\n"
+        "x = torch.randn(4, 2, 3)\n"
+        "one, two = (SparseRNN.from_module(rnn, kernel='tiles', threads=n)(x)[0] for n in (1, 2))\n"
+        "print(float((one - two).abs().max()))\n"
+    )
+    environment = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          env=environment)
+    assert float(done.stdout.split()[-1]) < 1e-5
+    names = {path.name for path in tmp_path.rglob("*.nbi")}
+    assert any("_elman_step_serial" in name for name in names), names
+    assert any("_elman_step_parallel" in name for name in names), names
