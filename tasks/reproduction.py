@@ -184,6 +184,13 @@ DIFFERENCES = """\
 * **`paper-lr1e-3` (adding) is ours, not the authors':** the `paper` preset at Adam lr 1e-3
   instead of their 1e-4, to test whether the learning rate is what keeps every control on the
   0.41 plateau at 99% (the issue's independent run at 1e-3 learned there).
+* **Runs from several code versions.** The run folder is filled over days; the protocol of a
+  preset is checked against each finished run (a changed preset makes it a conflict, never
+  reused), but float rounding is not: navigation runs made before the fused recurrence
+  (`tasks/fused_rnn.py`) and the fused soft-target loss (`tasks/soft_cross_entropy.py`) sum in
+  another order than later ones, so two runs of one seed can differ by what rounding amplifies
+  over training. Wall times come from two machines (the second about twice as fast) and include
+  pauses for benchmarks; they are a guide, not a measurement.
 * **Pruned weights.** `torch.nn.utils.prune` keeps pruned weights in `weight_orig`, where Adam's
   momentum still moves them, and zeroes them when `prune.remove` runs each epoch; we keep them at
   exactly 0 throughout. Both never revive a pruned weight.
