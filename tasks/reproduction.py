@@ -187,8 +187,8 @@ DIFFERENCES = """\
 * **Runs from several code versions.** The run folder is filled over days; the protocol of a
   preset is checked against each finished run (a changed preset makes it a conflict, never
   reused), but float rounding is not: navigation runs made before the fused recurrence
-  (`tasks/fused_rnn.py`) and the fused soft-target loss (`tasks/soft_cross_entropy.py`) sum in
-  another order than later ones, so two runs of one seed can differ by what rounding amplifies
+  (`tasks/fused_rnn.py`), the fused soft-target loss (`tasks/soft_cross_entropy.py`) and the
+  fused AdamW sum in another order than later ones, so two runs of one seed can differ by what rounding amplifies
   over training. Wall times come from two machines (the second about twice as fast) and include
   pauses for benchmarks; they are a guide, not a measurement.
 * **Pruned weights.** `torch.nn.utils.prune` keeps pruned weights in `weight_orig`, where Adam's
