@@ -188,8 +188,8 @@ DIFFERENCES = """\
   preset is checked against each finished run (a changed preset makes it a conflict, never
   reused), but float rounding is not: navigation runs made before the fused recurrence
   (`tasks/fused_rnn.py`), the fused soft-target loss (`tasks/soft_cross_entropy.py`) and the
-  fused AdamW sum in another order than later ones, so two runs of one seed can differ by what rounding amplifies
-  over training. Wall times come from two machines (the second about twice as fast) and include
+  fused AdamW sum in another order than later ones, so two runs of one seed can differ by what
+  rounding amplifies over training. Wall times come from two machines (the second about twice as fast) and include
   pauses for benchmarks; they are a guide, not a measurement.
 * **Pruned weights.** `torch.nn.utils.prune` keeps pruned weights in `weight_orig`, where Adam's
   momentum still moves them, and zeroes them when `prune.remove` runs each epoch; we keep them at
@@ -345,10 +345,10 @@ def _statements(records: Sequence[dict], task: str, key: str, higher: bool,
             text += (f" No seed of any control learned the task here ({'none above' if higher else 'all above'} "
                      f"{threshold:g}): the ordering ranks models that failed.")
         if dense:
-            best = sorted(means, key=means.get, reverse=higher)[0]
-            text += (f" The dense model (none at sparsity 0, {len(dense)} seeds) scores {statistics.mean(dense):.3g}; "
-                     f"the best pruned control, {best}, is {abs(means[best] - statistics.mean(dense)):.3g} "
-                     f"{'better' if (means[best] > statistics.mean(dense)) == higher else 'worse'}.")
+            best, dense_mean = sorted(means, key=means.get, reverse=higher)[0], statistics.mean(dense)
+            text += (f" The dense model (none at sparsity 0, {len(dense)} seeds) scores {dense_mean:.3g}; "
+                     f"the best pruned control, {best}, is {abs(means[best] - dense_mean):.3g} "
+                     f"{'better' if (means[best] > dense_mean) == higher else 'worse'}.")
         seeds = {len(_values(records, r, sparsity, key)) for r in means}
         if min(seeds) < 3:
             text += f" (fewer than 3 seeds in some cells: {min(seeds)})"
