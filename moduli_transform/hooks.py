@@ -30,7 +30,8 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["HookSet", "attached_handle", "current_backward_id", "keep_alive", "register_attachment", "release"]
+__all__ = ["HookSet", "attached_handle", "current_backward_id", "global_hook_watches", "keep_alive",
+           "register_attachment", "release"]
 
 # id(model) -> (weak reference to the model, weak reference to its handle)
 _ATTACHED: dict[int, tuple[weakref.ref, weakref.ref]] = {}
@@ -104,6 +105,7 @@ class HookSet:
                 if bound is not None:
                     bound()
 
+        hook.watched_modules = owners  # read by global_hook_watches: this hook acts on these alone
         self._handles.append(register_module_forward_pre_hook(hook))
 
     def remove(self) -> None:
@@ -113,6 +115,18 @@ class HookSet:
 
     def __len__(self) -> int:
         return len(self._handles)
+
+
+def global_hook_watches(hook: Callable, module: nn.Module) -> bool:
+    """Whether the global module hook ``hook`` may act on ``module``.
+
+    Our own forward pre-hook (auto mode) acts only on the modules of its handle's model; any
+    other global hook may act on every module. Code that skips a module's ``__call__`` for
+    speed asks this, so that a handle attached to another model (alive until the garbage
+    collector removes its hook) does not change which path, and which float rounding, it takes.
+    """
+    watched = getattr(hook, "watched_modules", None)
+    return watched is None or module in watched
 
 
 def _weak_optimizer_hook(method: weakref.WeakMethod) -> Callable:

@@ -37,6 +37,7 @@ from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from moduli_transform.device import to_device
+from moduli_transform.hooks import global_hook_watches
 
 from . import Preset, Task, register_task
 from .fused_rnn import relu_rnn
@@ -171,9 +172,11 @@ class PathIntegrationRNN(nn.Module):
         graph capture (``attach``'s pass, ``torch.export``, ``torch.compile``) and dispatch
         modes see the layer they expect."""
         rnn = self.rnn
-        hooked = any((rnn._forward_hooks, rnn._forward_pre_hooks, rnn._backward_hooks, rnn._backward_pre_hooks,
-                      module_hooks._global_forward_hooks, module_hooks._global_forward_pre_hooks,
-                      module_hooks._global_backward_hooks, module_hooks._global_backward_pre_hooks))
+        global_hooks = (*module_hooks._global_forward_hooks.values(), *module_hooks._global_forward_pre_hooks.values(),
+                        *module_hooks._global_backward_hooks.values(),
+                        *module_hooks._global_backward_pre_hooks.values())
+        hooked = (any((rnn._forward_hooks, rnn._forward_pre_hooks, rnn._backward_hooks, rnn._backward_pre_hooks))
+                  or any(global_hook_watches(hook, rnn) for hook in global_hooks))
         traced = (torch.compiler.is_compiling() or torch.compiler.is_exporting()
                   or _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled())
         plain = type(rnn.weight_hh_l0) is nn.Parameter and type(rnn.weight_ih_l0) is nn.Parameter

@@ -93,3 +93,42 @@ def test_attach_finds_the_same_target_and_auto_mode_keeps_nn_rnn():
     finally:
         handle.remove()
     assert model._fused_training()
+
+
+def test_an_auto_handle_on_another_model_leaves_the_fused_path_on():
+    """Its global forward pre-hook acts on that model's modules alone; before, it switched this
+    model to nn.RNN (other float rounding) until the garbage collector removed the hook."""
+    model, _, _ = _model_and_batch()
+    other = torch.nn.RNN(3, 8)
+    other_handle = mt.attach(other, sparsity=0.5, total_steps=4, auto=True)
+    own_handle = None
+    try:
+        assert torch.nn.modules.module._global_forward_pre_hooks  # the other handle's hook is there
+        assert model._fused_training()
+        own_handle = mt.attach(model, sparsity=0.5, total_steps=4, auto=True)
+        assert not model._fused_training()  # a hook that watches this model's layer still counts
+    finally:
+        other_handle.remove()
+        if own_handle is not None:
+            own_handle.remove()
+    assert model._fused_training()
+
+
+def test_a_navigation_run_is_bit_identical_with_an_unrelated_auto_handle_alive(tmp_path):
+    from safetensors.torch import load_file
+
+    from moduli_transform.tasks.runner import RunConfig, run
+
+    def weights(name: str) -> dict[str, torch.Tensor]:
+        config = RunConfig(task="navigation", preset="test", sparsity=0.5, seed=3, out=str(tmp_path / name), threads=1)
+        run(config, progress=False)
+        return load_file(str(tmp_path / name / "weights.safetensors"))
+
+    alone = weights("alone")
+    other = torch.nn.RNN(3, 8)
+    handle = mt.attach(other, sparsity=0.5, total_steps=4, auto=True)
+    try:
+        beside = weights("beside")
+    finally:
+        handle.remove()
+    assert alone.keys() == beside.keys() and all(torch.equal(alone[k], beside[k]) for k in alone)

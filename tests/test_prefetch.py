@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import threading
 
@@ -13,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from moduli_transform.tasks.prefetch import BatchPrefetcher
+from moduli_transform.tasks.runner import RunConfig, run
 
 
 def _draw(generator: torch.Generator) -> torch.Tensor:
@@ -71,36 +70,20 @@ def test_close_stops_the_thread_and_depth_is_checked():
         BatchPrefetcher(_draw, torch.Generator(), depth=0)
 
 
-# Both runs in a fresh interpreter, as `moduli-transform train` runs them. In the process that
-# has run the rest of the suite, about one full-suite run in five ended with weights differing
-# in the last bit (1.5e-8, a few dozen elements, every logged metric identical); the batches
-# drawn by the producer are identical to the loop's, and no such difference appeared in
-# dozens of pairs run in fresh processes, after heap churn, or after most of the suite.
-_BOTH_RUNS = """
-import json, sys, torch
-from moduli_transform.tasks.runner import RunConfig, run
-torch.set_num_threads(1)
-out = {}
-for prefetch in (True, False):
-    config = RunConfig(task=sys.argv[1], preset="test", sparsity=0.5, lottery=True, seed=3,
-                       out=sys.argv[2] + "/" + str(prefetch), threads=1)
-    out[str(prefetch)] = run(config, progress=False, prefetch=prefetch)
-print(json.dumps(out))
-"""
-
-
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("task", ["navigation"])
 def test_a_run_is_bit_identical_with_and_without_prefetch(tmp_path, task):
-    result = subprocess.run([sys.executable, "-c", _BOTH_RUNS, task, str(tmp_path)], capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    outputs = json.loads(result.stdout.strip().splitlines()[-1])
+    outputs = {}
+    for prefetch in (True, False):
+        config = RunConfig(task=task, preset="test", sparsity=0.5, lottery=True, seed=3,
+                           out=str(tmp_path / str(prefetch)), threads=1)
+        outputs[prefetch] = run(config, progress=False, prefetch=prefetch)
     first = load_file(str(tmp_path / "True" / "weights.safetensors"))
     second = load_file(str(tmp_path / "False" / "weights.safetensors"))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     assert (tmp_path / "True" / "metrics.jsonl").read_text() == (tmp_path / "False" / "metrics.jsonl").read_text()
     for key in ("dense_metric", "sparse_metric", "lottery_metric", "sparse_tail_metric"):
-        assert outputs["True"][key] == outputs["False"][key]
+        assert outputs[True][key] == outputs[False][key]
 
 
 @pytest.mark.skipif(not hasattr(os, "getpriority") or sys.platform != "linux", reason="per-thread priorities are Linux's")
