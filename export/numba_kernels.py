@@ -26,6 +26,7 @@ of the same loops (no parallel region at all). Numba is imported lazily: without
 
 from __future__ import annotations
 
+import os
 import types as types_module
 
 import numpy as np
@@ -41,7 +42,7 @@ except ImportError:  # pragma: no cover
     numba = None
     AVAILABLE = False
 
-__all__ = ["AVAILABLE", "ACTIVATIONS", "TILE", "max_threads", "get_threads", "set_threads",
+__all__ = ["AVAILABLE", "ACTIVATIONS", "TILE", "max_threads", "usable_cores", "get_threads", "set_threads",
            "bsr_addmm", "bsr_elman", "bsr_lstm", "bsr_gru", "gather_columns"]
 
 TILE = 16
@@ -53,8 +54,17 @@ def max_threads() -> int:
     return numba.config.NUMBA_NUM_THREADS if AVAILABLE else 1
 
 
+def usable_cores() -> int:
+    """CPUs this process may run on: its affinity mask (``taskset``, a cgroup cpuset), not
+    the machine's core count that numba sizes its pool by."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - no affinity masks on this platform
+        return os.cpu_count() or 1
+
+
 def get_threads() -> int:
-    """Worker threads the parallel kernels use now."""
+    """Worker threads numba's parallel loops are set to use now."""
     return numba.get_num_threads() if AVAILABLE else 1
 
 
@@ -62,6 +72,29 @@ def set_threads(threads: int) -> None:
     """Use ``threads`` worker threads (capped by what numba was started with)."""
     if AVAILABLE:
         numba.set_num_threads(max(1, min(int(threads), max_threads())))
+
+
+def _kernel_threads(threads: int | None) -> int:
+    """Threads one kernel call runs on: ``threads`` (``None``: numba's count now), never
+    more than :func:`usable_cores`. More spinning workers than CPUs made a step wait for
+    the scheduler at every barrier: an Elman sequence pinned to one CPU with numba's two
+    workers took 400 ms instead of 8."""
+    wanted = get_threads() if threads is None else int(threads)
+    return max(1, min(wanted, usable_cores(), max_threads()))
+
+
+def _in_threads(count: int, call):
+    """``call(serial)`` with numba's count at ``count`` for its duration (then restored)."""
+    if count == 1:
+        return call(True)
+    before = get_threads()
+    if before != count:
+        set_threads(count)
+    try:
+        return call(False)
+    finally:
+        if before != count:
+            set_threads(before)
 
 
 if AVAILABLE:
@@ -364,10 +397,6 @@ def _check(ptr: np.ndarray, cols: np.ndarray, tiles_t: np.ndarray, rows: int, hi
         raise ValueError(f"block column {int(cols.max())} is outside the {hidden // TILE} blocks of the state")
 
 
-def _serial_flag(threads: int | None) -> bool:
-    return threads == 1 or (threads is None and get_threads() == 1)
-
-
 def bsr_addmm(ptr: np.ndarray, cols: np.ndarray, tiles_t: np.ndarray, u: np.ndarray, h: np.ndarray,
               out: np.ndarray) -> np.ndarray:
     """``out = u + h W^T`` for every sample: block-row pointers ``ptr``, block columns ``cols``
@@ -375,8 +404,9 @@ def bsr_addmm(ptr: np.ndarray, cols: np.ndarray, tiles_t: np.ndarray, u: np.ndar
     (batch, rows), ``h`` is (batch, hidden), all float32 C-contiguous."""
     _need()
     _check(ptr, cols, tiles_t, u.shape[1], h.shape[1])
-    step = _elman_serial if _serial_flag(None) else _elman_parallel
-    step(ptr, cols, tiles_t, u, h, out, 0, np.empty((ptr.shape[0] - 1, TILE * h.shape[0]), np.float32))
+    scratch = np.empty((ptr.shape[0] - 1, TILE * h.shape[0]), np.float32)
+    _in_threads(_kernel_threads(None), lambda serial: (_elman_serial if serial else _elman_parallel)(
+        ptr, cols, tiles_t, u, h, out, 0, scratch))
     return out
 
 
@@ -396,14 +426,15 @@ def bsr_elman(ptr: np.ndarray, cols: np.ndarray, tiles_t: np.ndarray, projected:
 
     ``projected`` and ``outputs`` are (T, batch, hidden), ``h0`` is (batch, hidden);
     ``activation`` is tanh or relu (or identity); ``threads=1`` runs the serial copy,
-    ``None`` follows :func:`get_threads`.
+    ``None`` follows :func:`get_threads`; never more threads than :func:`usable_cores`.
     """
     _need()
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
     _check(ptr, cols, tiles_t, projected.shape[2], h0.shape[1])
-    _elman_sequence(ptr, cols, tiles_t, projected, h0, outputs, ACTIVATIONS[activation],
-                    _serial_flag(threads))
+    code = ACTIVATIONS[activation]
+    _in_threads(_kernel_threads(threads), lambda serial: _elman_sequence(
+        ptr, cols, tiles_t, projected, h0, outputs, code, serial))
     return outputs
 
 
@@ -417,7 +448,8 @@ def bsr_lstm(ptr: np.ndarray, cols: np.ndarray, tiles_t: np.ndarray, projected: 
     """
     _need()
     _check(ptr, cols, tiles_t, projected.shape[2], h0.shape[1], gates=4)
-    _lstm_sequence(ptr, cols, tiles_t, projected, h0, c, outputs, _serial_flag(threads))
+    _in_threads(_kernel_threads(threads), lambda serial: _lstm_sequence(
+        ptr, cols, tiles_t, projected, h0, c, outputs, serial))
     return outputs
 
 
@@ -432,5 +464,6 @@ def bsr_gru(ptr: np.ndarray, cols: np.ndarray, tiles_t: np.ndarray, projected: n
     _check(ptr, cols, tiles_t, projected.shape[2], h0.shape[1], gates=3)
     if bias_n.shape != (h0.shape[1],):
         raise ValueError(f"bias_n must have shape ({h0.shape[1]},), got {bias_n.shape}")
-    _gru_sequence(ptr, cols, tiles_t, projected, bias_n, h0, outputs, _serial_flag(threads))
+    _in_threads(_kernel_threads(threads), lambda serial: _gru_sequence(
+        ptr, cols, tiles_t, projected, bias_n, h0, outputs, serial))
     return outputs

@@ -236,3 +236,52 @@ def test_serial_and_parallel_builds_keep_separate_cache_entries(tmp_path):
     names = {path.name for path in tmp_path.rglob("*.nbi")}
     assert any("_elman_step_serial" in name for name in names), names
     assert any("_elman_step_parallel" in name for name in names), names
+
+
+def _spy_on_sequences(monkeypatch) -> list[tuple[str, bool, int]]:
+    """Record (cell, serial flag, numba's thread count) of every fused-sequence call."""
+    calls = []
+    for name in ("_elman_sequence", "_lstm_sequence", "_gru_sequence"):
+        original = getattr(numba_kernels, name)
+
+        def spy(*args, _original=original, _name=name):
+            calls.append((_name, bool(args[-1]), numba_kernels.get_threads()))
+            return _original(*args)
+        monkeypatch.setattr(numba_kernels, name, spy)
+    return calls
+
+
+@pytest.mark.skipif(numba_kernels.max_threads() < 2, reason="numba has a single worker here")
+def test_kernels_never_run_more_threads_than_the_process_may_use(monkeypatch):
+    # pinned to one CPU (taskset, a cpuset) while numba's pool has two workers: the parallel
+    # kernel spun at every step's barrier (400 ms instead of 8 for an Elman sequence)
+    module = _tile_pruned(nn.RNN, 1, True, hidden=32)
+    kernel = TileKernel(module.weight_hh_l0.detach())
+    projected, h0 = np.random.randn(4, 1, 32).astype(np.float32), np.zeros((1, 32), np.float32)
+    outputs = np.empty_like(projected)
+    calls = _spy_on_sequences(monkeypatch)
+    saved = numba_kernels.get_threads()
+    numba_kernels.set_threads(2)
+    try:
+        monkeypatch.setattr(numba_kernels, "usable_cores", lambda: 1)
+        for threads in (None, 2):
+            numba_kernels.bsr_elman(kernel.ptr, kernel.cols, kernel.tiles_t, projected, h0, outputs, "tanh",
+                                    threads=threads)
+        assert [serial for _, serial, _ in calls] == [True, True]
+        monkeypatch.setattr(numba_kernels, "usable_cores", lambda: 2)
+        numba_kernels.set_threads(1)
+        serial_result = outputs.copy()
+        numba_kernels.bsr_elman(kernel.ptr, kernel.cols, kernel.tiles_t, projected, h0, outputs, "tanh",
+                                threads=2)
+        # an explicit count is honoured for the call, and numba's own count restored after
+        assert calls[-1] == ("_elman_sequence", False, 2) and numba_kernels.get_threads() == 1
+        np.testing.assert_allclose(outputs, serial_result, atol=1e-6)
+    finally:
+        numba_kernels.set_threads(saved)
+
+
+def test_usable_cores_is_the_affinity_mask():
+    import os
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no affinity masks on this platform")
+    assert numba_kernels.usable_cores() == len(os.sched_getaffinity(0))
