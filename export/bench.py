@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import statistics
@@ -54,6 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from moduli_transform.device import DEVICE_HELP, resolve_device
+from moduli_transform.export.safetensors_format import atomic_write_bytes
 from moduli_transform.export.sparse_runtime import SparseRNN, layers_from_module
 from moduli_transform.export.tiles import magnitude_mask, order_neurons, permute_rnn, tile_prune
 
@@ -500,24 +502,34 @@ def markdown_table(table: Sequence[dict], bandwidth: float, device: str = "cpu")
     return "\n".join(lines)
 
 
+OUTPUT_FILES = ("bench.md", "bench.csv", "bench.png")
+
+
+def earlier_outputs(out: Path) -> list[Path]:
+    """The result files of an earlier benchmark already in ``out`` (which a run would replace)."""
+    return [out / name for name in OUTPUT_FILES if (out / name).exists()]
+
+
 def write_outputs(table: Sequence[dict], bandwidth: float, out: Path, device: str = "cpu") -> list[Path]:
-    """Write ``bench.md``, ``bench.csv`` and ``bench.png`` into ``out``; return the paths."""
+    """Write ``bench.md``, ``bench.csv`` and ``bench.png`` into ``out`` (each atomically);
+    return the paths."""
     out.mkdir(parents=True, exist_ok=True)
-    markdown = out / "bench.md"
-    markdown.write_text(markdown_table(table, bandwidth, device) + "\n")
-    table_csv = out / "bench.csv"
-    with table_csv.open("w", newline="") as handle:
-        fields = ["config", *[k for k in table[0] if k != "label"]]
-        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        for row in table:
-            writer.writerow({"config": _label(row), **row})
-    plot = out / "bench.png"
-    _plot(table, plot)
+    markdown, table_csv, plot = (out / name for name in OUTPUT_FILES)
+    atomic_write_bytes(markdown, (markdown_table(table, bandwidth, device) + "\n").encode())
+    text = io.StringIO(newline="")
+    fields = ["config", *[k for k in table[0] if k != "label"]]
+    writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    for row in table:
+        writer.writerow({"config": _label(row), **row})
+    atomic_write_bytes(table_csv, text.getvalue().encode())
+    image = io.BytesIO()
+    _plot(table, image)
+    atomic_write_bytes(plot, image.getvalue())
     return [markdown, table_csv, plot]
 
 
-def _plot(table: Sequence[dict], path: Path) -> None:
+def _plot(table: Sequence[dict], path: Path | io.BytesIO) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -537,7 +549,8 @@ def _plot(table: Sequence[dict], path: Path) -> None:
     axis.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
     axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, format="png")
+    plt.close(figure)
     plt.close(figure)
 
 
@@ -561,6 +574,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: H=512 and 1024, batch 1, sparsity 0.9, 1 round")
     parser.add_argument("--out", default="bench_results", help="folder for md / csv / png")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results of an earlier benchmark in --out (refused without it)")
     parser.add_argument("--device", default="auto",
                         help=f"where to time: {DEVICE_HELP}; on cuda, ONNX Runtime (CPU) is skipped and the "
                              "numba tiles kernel is not tried")
@@ -600,6 +615,10 @@ def _validate(args: argparse.Namespace) -> None:
             raise BenchError(f"--threads must be >= 1, got {count}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise BenchError(f"--out {args.out} is a file, not a folder")
+    earlier = earlier_outputs(Path(args.out))
+    if earlier and not getattr(args, "overwrite", False):
+        raise BenchError(f"--out {args.out} holds an earlier benchmark's {', '.join(p.name for p in earlier)}; "
+                         f"choose another --out, or pass --overwrite to replace them")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -128,6 +128,18 @@ def test_train_export_bench_path(tmp_path, capsys):
                                  "--device", "cpu", "--out", str(tmp_path / "bench")], capsys)
     assert status == 0, err
     assert "|" in stdout and any((tmp_path / "bench").iterdir())
+    # a second benchmark into the same folder refuses before timing anything, files untouched
+    bench = ["bench", "--file", str(exported), "--batch", "1", "--steps", "5", "--rounds", "1", "--repeats", "1",
+             "--libraries", "torch_rnn", "--threads", "1", "--device", "cpu", "--out", str(tmp_path / "bench")]
+    before = {path.name: path.read_bytes() for path in (tmp_path / "bench").iterdir()}
+    status, stdout, err = _call(bench, capsys)
+    assert status == 2 and "earlier benchmark" in err and "--overwrite" in err and stdout == ""
+    assert {path.name: path.read_bytes() for path in (tmp_path / "bench").iterdir()} == before
+    status, stdout, err = _call(bench + ["--overwrite"], capsys)
+    assert status == 0, err
+    replaced = (tmp_path / "bench" / "bench.md").read_text()
+    assert "torch_rnn" in replaced and "| ours |" not in replaced
+    assert sorted(path.name for path in (tmp_path / "bench").iterdir()) == ["bench.csv", "bench.md", "bench.png"]
 
 
 def test_export_accepts_a_py_file_factory(tmp_path, capsys, monkeypatch):
