@@ -285,3 +285,41 @@ def test_usable_cores_is_the_affinity_mask():
     if not hasattr(os, "sched_getaffinity"):
         pytest.skip("no affinity masks on this platform")
     assert numba_kernels.usable_cores() == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_kernels_write_the_outputs_in_a_second_order_too(cell, batch):
+    gates = {"rnn": 1, "lstm": 4, "gru": 3}[cell]
+    hidden, steps = 32, 4
+    rng = np.random.default_rng(0)
+    weight = torch.randn(gates * hidden, hidden) * tile_prune(torch.randn(gates * hidden, hidden), 0.5, 16)
+    kernel = TileKernel(weight)
+    projected = rng.standard_normal((steps, batch, gates * hidden)).astype(np.float32)
+    h0 = rng.standard_normal((batch, hidden)).astype(np.float32)
+    order = rng.permutation(hidden)
+
+    def run(**extra):
+        outputs = np.empty((steps, batch, hidden), np.float32)
+        args = (kernel.ptr, kernel.cols, kernel.tiles_t, projected)
+        if cell == "lstm":
+            numba_kernels.bsr_lstm(*args, h0, np.zeros_like(h0), outputs, threads=1, **extra)
+        elif cell == "gru":
+            numba_kernels.bsr_gru(*args, np.zeros(hidden, np.float32), h0, outputs, threads=1, **extra)
+        else:
+            numba_kernels.bsr_elman(*args, h0, outputs, "tanh", threads=1, **extra)
+        return outputs
+
+    plain = run()
+    ordered = np.full((steps, batch, hidden), np.nan, np.float32)
+    stored = run(order=order, ordered=ordered)
+    np.testing.assert_array_equal(stored, plain)            # the states themselves are unchanged
+    expected = np.empty_like(plain)
+    expected[..., order] = plain
+    np.testing.assert_array_equal(ordered, expected)        # every unit written where order puts it
+    with pytest.raises(ValueError, match="one unit index in 0..31"):
+        run(order=np.arange(1, hidden + 1), ordered=ordered)
+    with pytest.raises(ValueError, match="C-contiguous float32 array of shape"):
+        run(order=order, ordered=np.empty((steps, batch, hidden), np.float64))
+    with pytest.raises(ValueError, match="give both or neither"):
+        run(order=order)
