@@ -238,17 +238,9 @@ if AVAILABLE:
             for b in range(batch):
                 _tile_apply(acc, acc_start + b * TILE, tiles, k * TILE * TILE, h, b * hidden + column, 1)
 
-    @_inline
-    def _emit(out, ordered, order, b, unit, value):
-        """out[b, unit] = value; with an ``order`` also ordered[b, order[unit]] = value (the
-        output in the module's unit order, written while the value is in a register)."""
-        out[b, unit] = value
-        if order.shape[0]:
-            ordered[b, order[unit]] = value
-
     # The step functions keep each nonlinearity in a loop of its own over contiguous
     # accumulators, so that it vectorises.
-    def _elman_step(ptr, cols, tiles, u, h, out, activation, scratch, order, ordered):
+    def _elman_step(ptr, cols, tiles, u, h, out, activation, scratch):
         """out = act(u + h W^T) over all block rows of W; u, out (batch, rows), h (batch, hidden)."""
         batch, hidden = h.shape
         flat_tiles, flat_h = tiles.reshape(-1), h.reshape(-1)
@@ -260,9 +252,9 @@ if AVAILABLE:
             _apply(acc, 0, TILE * batch, activation)
             for b in range(batch):
                 for i in range(TILE):
-                    _emit(out, ordered, order, b, base + i, acc[b * TILE + i])
+                    out[b, base + i] = acc[b * TILE + i]
 
-    def _lstm_step(ptr, cols, tiles, u, h, c, h_out, scratch, order, ordered):
+    def _lstm_step(ptr, cols, tiles, u, h, c, h_out, scratch):
         """One LSTM step for every block of 16 units: its 4 gate block rows, then the cell.
 
         ``u`` (batch, 4H) holds W_ih x + b_ih + b_hh; ``c`` (batch, H) is updated in place
@@ -291,9 +283,9 @@ if AVAILABLE:
             _apply(acc, 0, gate, 1)
             for b in range(batch):
                 for i in range(TILE):
-                    _emit(h_out, ordered, order, b, base + i, acc[3 * gate + b * TILE + i] * acc[b * TILE + i])
+                    h_out[b, base + i] = acc[3 * gate + b * TILE + i] * acc[b * TILE + i]
 
-    def _gru_step(ptr, cols, tiles, u, bias_n, h, h_out, scratch, order, ordered):
+    def _gru_step(ptr, cols, tiles, u, bias_n, h, h_out, scratch):
         """One GRU step for every block of 16 units: its 3 gate block rows, then the cell.
 
         ``u`` (batch, 3H) holds W_ih x + b_ih (+ b_hh for r and z); ``bias_n`` (H,) is b_hn,
@@ -324,7 +316,7 @@ if AVAILABLE:
                 for i in range(TILE):
                     a = b * TILE + i
                     new = acc[2 * gate + a]
-                    _emit(h_out, ordered, order, b, base + i, new + acc[gate + a] * (h[b, base + i] - new))
+                    h_out[b, base + i] = new + acc[gate + a] * (h[b, base + i] - new)
 
     def _named(function, suffix):
         """A copy of ``function`` under its own name. Numba's on-disk cache keys a compiled
@@ -355,40 +347,34 @@ if AVAILABLE:
                 out[row, j] = source[row, index[j]]
 
     @njit(cache=True, nogil=True)
-    def _elman_sequence(ptr, cols, tiles, projected, h0, outputs, activation, order, ordered, serial):
+    def _elman_sequence(ptr, cols, tiles, projected, h0, outputs, activation, serial):
         scratch = np.empty((ptr.shape[0] - 1, TILE * h0.shape[0]), dtype=np.float32)
         for t in range(projected.shape[0]):
             h = h0 if t == 0 else outputs[t - 1]
             if serial:
-                _elman_serial(ptr, cols, tiles, projected[t], h, outputs[t], activation, scratch, order,
-                              ordered[t if order.shape[0] else 0])
+                _elman_serial(ptr, cols, tiles, projected[t], h, outputs[t], activation, scratch)
             else:
-                _elman_parallel(ptr, cols, tiles, projected[t], h, outputs[t], activation, scratch, order,
-                                ordered[t if order.shape[0] else 0])
+                _elman_parallel(ptr, cols, tiles, projected[t], h, outputs[t], activation, scratch)
 
     @njit(cache=True, nogil=True)
-    def _lstm_sequence(ptr, cols, tiles, projected, h0, c, outputs, order, ordered, serial):
+    def _lstm_sequence(ptr, cols, tiles, projected, h0, c, outputs, serial):
         scratch = np.empty((h0.shape[1] // TILE, 4 * TILE * h0.shape[0]), dtype=np.float32)
         for t in range(projected.shape[0]):
             h = h0 if t == 0 else outputs[t - 1]
             if serial:
-                _lstm_serial(ptr, cols, tiles, projected[t], h, c, outputs[t], scratch, order,
-                             ordered[t if order.shape[0] else 0])
+                _lstm_serial(ptr, cols, tiles, projected[t], h, c, outputs[t], scratch)
             else:
-                _lstm_parallel(ptr, cols, tiles, projected[t], h, c, outputs[t], scratch, order,
-                               ordered[t if order.shape[0] else 0])
+                _lstm_parallel(ptr, cols, tiles, projected[t], h, c, outputs[t], scratch)
 
     @njit(cache=True, nogil=True)
-    def _gru_sequence(ptr, cols, tiles, projected, bias_n, h0, outputs, order, ordered, serial):
+    def _gru_sequence(ptr, cols, tiles, projected, bias_n, h0, outputs, serial):
         scratch = np.empty((h0.shape[1] // TILE, 3 * TILE * h0.shape[0]), dtype=np.float32)
         for t in range(projected.shape[0]):
             h = h0 if t == 0 else outputs[t - 1]
             if serial:
-                _gru_serial(ptr, cols, tiles, projected[t], bias_n, h, outputs[t], scratch, order,
-                            ordered[t if order.shape[0] else 0])
+                _gru_serial(ptr, cols, tiles, projected[t], bias_n, h, outputs[t], scratch)
             else:
-                _gru_parallel(ptr, cols, tiles, projected[t], bias_n, h, outputs[t], scratch, order,
-                              ordered[t if order.shape[0] else 0])
+                _gru_parallel(ptr, cols, tiles, projected[t], bias_n, h, outputs[t], scratch)
 
 
 def _need() -> None:
@@ -411,30 +397,6 @@ def _check(ptr: np.ndarray, cols: np.ndarray, tiles_t: np.ndarray, rows: int, hi
         raise ValueError(f"block column {int(cols.max())} is outside the {hidden // TILE} blocks of the state")
 
 
-def _no_order() -> tuple[np.ndarray, np.ndarray]:
-    return np.empty(0, np.int64), np.empty((1, 1, 1), np.float32)
-
-
-def _order(order: np.ndarray | None, ordered: np.ndarray | None,
-           outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The kernels' (order, ordered) arguments: empty ones when no second order is asked for;
-    refuses an order with an index outside the units (a write out of bounds) or a buffer of
-    the wrong shape. (A repeated index is not caught: the caller passes a permutation.)"""
-    if order is None and ordered is None:
-        return _no_order()
-    if order is None or ordered is None:
-        raise ValueError("order and ordered go together: give both or neither")
-    hidden = outputs.shape[2]
-    order = np.ascontiguousarray(order, dtype=np.int64)
-    if order.shape != (hidden,) or (hidden and (int(order.min()) < 0 or int(order.max()) >= hidden)):
-        raise ValueError(f"order must hold one unit index in 0..{hidden - 1} per unit, (hidden,) = ({hidden},); "
-                         f"got shape {order.shape}")
-    if ordered.shape != outputs.shape or ordered.dtype != np.float32 or not ordered.flags.c_contiguous:
-        raise ValueError(f"ordered must be a C-contiguous float32 array of shape {outputs.shape}, "
-                         f"got {ordered.dtype} {ordered.shape}")
-    return order, ordered
-
-
 def bsr_addmm(ptr: np.ndarray, cols: np.ndarray, tiles_t: np.ndarray, u: np.ndarray, h: np.ndarray,
               out: np.ndarray) -> np.ndarray:
     """``out = u + h W^T`` for every sample: block-row pointers ``ptr``, block columns ``cols``
@@ -443,9 +405,8 @@ def bsr_addmm(ptr: np.ndarray, cols: np.ndarray, tiles_t: np.ndarray, u: np.ndar
     _need()
     _check(ptr, cols, tiles_t, u.shape[1], h.shape[1])
     scratch = np.empty((ptr.shape[0] - 1, TILE * h.shape[0]), np.float32)
-    order, ordered = _no_order()
     _in_threads(_kernel_threads(None), lambda serial: (_elman_serial if serial else _elman_parallel)(
-        ptr, cols, tiles_t, u, h, out, 0, scratch, order, ordered[0]))
+        ptr, cols, tiles_t, u, h, out, 0, scratch))
     return out
 
 
@@ -460,59 +421,49 @@ def gather_columns(source: np.ndarray, index: np.ndarray) -> np.ndarray:
 
 
 def bsr_elman(ptr: np.ndarray, cols: np.ndarray, tiles_t: np.ndarray, projected: np.ndarray, h0: np.ndarray,
-              outputs: np.ndarray, activation: str, threads: int | None = None,
-              order: np.ndarray | None = None, ordered: np.ndarray | None = None) -> np.ndarray:
+              outputs: np.ndarray, activation: str, threads: int | None = None) -> np.ndarray:
     """All steps ``outputs[t] = act(projected[t] + outputs[t-1] W^T)`` (h0 before step 0).
 
     ``projected`` and ``outputs`` are (T, batch, hidden), ``h0`` is (batch, hidden);
     ``activation`` is tanh or relu (or identity); ``threads=1`` runs the serial copy,
     ``None`` follows :func:`get_threads`; never more threads than :func:`usable_cores`.
-    With ``order`` (hidden,) and ``ordered`` (like ``outputs``) every output is also written
-    to ``ordered[t, b, order[i]]``: the states in another unit order (a renumbered layer's
-    outputs in the module's order) without a gather afterwards.
     """
     _need()
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
     _check(ptr, cols, tiles_t, projected.shape[2], h0.shape[1])
     code = ACTIVATIONS[activation]
-    order, ordered = _order(order, ordered, outputs)
     _in_threads(_kernel_threads(threads), lambda serial: _elman_sequence(
-        ptr, cols, tiles_t, projected, h0, outputs, code, order, ordered, serial))
+        ptr, cols, tiles_t, projected, h0, outputs, code, serial))
     return outputs
 
 
 def bsr_lstm(ptr: np.ndarray, cols: np.ndarray, tiles_t: np.ndarray, projected: np.ndarray, h0: np.ndarray,
-             c: np.ndarray, outputs: np.ndarray, threads: int | None = None,
-             order: np.ndarray | None = None, ordered: np.ndarray | None = None) -> np.ndarray:
+             c: np.ndarray, outputs: np.ndarray, threads: int | None = None) -> np.ndarray:
     """All steps of an LSTM layer with the stacked ``(4H, H)`` recurrent matrix in tiles.
 
     ``projected`` (T, batch, 4H) is ``W_ih x_t + b_ih + b_hh``; ``h0`` and ``c`` are
     (batch, H), ``c`` is overwritten with the final cell state; ``outputs`` (T, batch, H)
-    receives every ``h_t``; ``order``/``ordered`` as in :func:`bsr_elman`.
+    receives every ``h_t``.
     """
     _need()
     _check(ptr, cols, tiles_t, projected.shape[2], h0.shape[1], gates=4)
-    order, ordered = _order(order, ordered, outputs)
     _in_threads(_kernel_threads(threads), lambda serial: _lstm_sequence(
-        ptr, cols, tiles_t, projected, h0, c, outputs, order, ordered, serial))
+        ptr, cols, tiles_t, projected, h0, c, outputs, serial))
     return outputs
 
 
 def bsr_gru(ptr: np.ndarray, cols: np.ndarray, tiles_t: np.ndarray, projected: np.ndarray, bias_n: np.ndarray,
-            h0: np.ndarray, outputs: np.ndarray, threads: int | None = None,
-            order: np.ndarray | None = None, ordered: np.ndarray | None = None) -> np.ndarray:
+            h0: np.ndarray, outputs: np.ndarray, threads: int | None = None) -> np.ndarray:
     """All steps of a GRU layer with the stacked ``(3H, H)`` recurrent matrix in tiles.
 
     ``projected`` (T, batch, 3H) is ``W_ih x_t + b_ih`` plus ``b_hh`` on the r and z rows;
-    ``bias_n`` (H,) is ``b_hn``; ``outputs`` (T, batch, H) receives every ``h_t``;
-    ``order``/``ordered`` as in :func:`bsr_elman`.
+    ``bias_n`` (H,) is ``b_hn``; ``outputs`` (T, batch, H) receives every ``h_t``.
     """
     _need()
     _check(ptr, cols, tiles_t, projected.shape[2], h0.shape[1], gates=3)
     if bias_n.shape != (h0.shape[1],):
         raise ValueError(f"bias_n must have shape ({h0.shape[1]},), got {bias_n.shape}")
-    order, ordered = _order(order, ordered, outputs)
     _in_threads(_kernel_threads(threads), lambda serial: _gru_sequence(
-        ptr, cols, tiles_t, projected, bias_n, h0, outputs, order, ordered, serial))
+        ptr, cols, tiles_t, projected, bias_n, h0, outputs, serial))
     return outputs

@@ -294,36 +294,30 @@ class TileKernel(RecurrentKernel):
         return out.t()
 
     def run_layer(self, mode: str, projected: Tensor, h: Tensor, c: Tensor | None = None,
-                  recurrent_bias: Tensor | None = None,
-                  order: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+                  recurrent_bias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Every step of one layer, batch-major: ``projected`` (T, batch, gates * H) ->
         outputs (T, batch, H), from ``h`` (batch, H).
 
         ``mode`` is RNN_TANH, RNN_RELU, LSTM (``c`` the initial cell state, (batch, H)) or
         GRU (``recurrent_bias`` the ``(3H,)`` or ``(3H, 1)`` bias of which ``b_hn`` is used).
-        With ``order`` (``order[i]``: the unit that stored unit ``i`` is in another numbering)
-        the kernel also writes every output in that numbering, ``ordered[..., order[i]] =
-        outputs[..., i]``. Returns ``(outputs, final c, ordered)`` (``c`` is None except for
-        an LSTM, ``ordered`` None without ``order``). Runs with the thread count numba has
-        now (:func:`thread_pools` sets it).
+        Returns ``(outputs, final c)`` (``c`` is None except for an LSTM). Runs with the
+        thread count numba has now (:func:`thread_pools` sets it).
         """
         projected = projected.contiguous()
         h = h.contiguous()
         steps, batch, hidden = projected.shape[0], h.shape[0], h.shape[1]
         outputs = torch.empty(steps, batch, hidden)
-        ordered = None if order is None else torch.empty(steps, batch, hidden)
-        extra = {} if order is None else {"order": order.numpy(), "ordered": ordered.numpy()}
         args = (self.ptr, self.cols, self.tiles_t, projected.numpy())
         if mode == "LSTM":
             c = c.clone().contiguous()
-            numba_kernels.bsr_lstm(*args, h.numpy(), c.numpy(), outputs.numpy(), **extra)
-            return outputs, c, ordered
+            numba_kernels.bsr_lstm(*args, h.numpy(), c.numpy(), outputs.numpy())
+            return outputs, c
         if mode == "GRU":
             bias_n = recurrent_bias.reshape(-1)[2 * hidden:].contiguous().float()
-            numba_kernels.bsr_gru(*args, bias_n.numpy(), h.numpy(), outputs.numpy(), **extra)
-            return outputs, None, ordered
-        numba_kernels.bsr_elman(*args, h.numpy(), outputs.numpy(), _FUSED_ELMAN[mode], **extra)
-        return outputs, None, ordered
+            numba_kernels.bsr_gru(*args, bias_n.numpy(), h.numpy(), outputs.numpy())
+            return outputs, None
+        numba_kernels.bsr_elman(*args, h.numpy(), outputs.numpy(), _FUSED_ELMAN[mode])
+        return outputs, None
 
     def nbytes(self, batch: int) -> int:
         return _bsr_bytes(self.tiles_t.shape[0], self.tile, self.shape, batch)
@@ -649,10 +643,7 @@ class SparseRNN:
             state = state[:, self._inverse[index]]
         return state
 
-    def _run_layer(self, index: int, inputs: Tensor, h: Tensor, c: Tensor | None, reorder: bool = False):
-        """One layer: ``(outputs, final h, final c, reordered)``, ``h``/``c`` as columns
-        (H, batch). With ``reorder`` a fused kernel writes the outputs in the module's unit
-        order directly (``reordered`` True); otherwise they stay in stored order."""
+    def _run_layer(self, index: int, inputs: Tensor, h: Tensor, c: Tensor | None):
         layer = self.layers[index]
         steps, batch = inputs.shape[0], inputs.shape[1]
         kernel, step = self.kernel(index, batch), _STEPS[layer.mode]
@@ -665,17 +656,15 @@ class SparseRNN:
                                 layer.weight_ih.t()).view(steps, batch, -1)
         rec_bias = self._recurrent_bias[index]
         if fused:   # batch-major all the way: (T, batch, rows) in, (T, batch, H) out
-            order = self.perms[index] if reorder else None
-            outputs, c, ordered = kernel.run_layer(layer.mode, projected, h.t(), None if c is None else c.t(),
-                                                   rec_bias, order=order)
-            return (outputs if ordered is None else ordered), outputs[-1].t(), None if c is None else c.t(), \
-                ordered is not None
+            outputs, c = kernel.run_layer(layer.mode, projected, h.t(), None if c is None else c.t(),
+                                          rec_bias)
+            return outputs, outputs[-1].t(), None if c is None else c.t()
         projected = projected.transpose(1, 2).contiguous()
         outputs = torch.empty(steps, layer.hidden_size, batch, device=projected.device)
         for t in range(steps):
             h, c = step(kernel, projected[t], rec_bias, h, c)
             outputs[t] = h
-        return outputs.transpose(1, 2), h, c, False
+        return outputs.transpose(1, 2), h, c
 
     @torch.no_grad()
     def __call__(self, inputs: Tensor, state: Tensor | tuple[Tensor, Tensor] | None = None):
@@ -705,16 +694,13 @@ class SparseRNN:
         for index in range(len(self.layers)):
             h = self._initial(h0, index, batch)
             c = self._initial(c0, index, batch) if is_lstm else None
-            last = index == len(self.layers) - 1
-            # the last layer's outputs leave in the module's order: the kernel writes them so
-            layer_input, h, c, reordered = self._run_layer(index, layer_input, h, c,
-                                                           reorder=last and self.perms[index] is not None)
+            layer_input, h, c = self._run_layer(index, layer_input, h, c)
             # the next layer reads this one in stored order: its W_ih columns were permuted
             finals_h.append(self._final(h, index))
             if is_lstm:
                 finals_c.append(self._final(c, index))
         output = layer_input
-        if self.perms[-1] is not None and not reordered:
+        if self.perms[-1] is not None:
             output = _take_columns(output, self._inverse[-1])
         output = output.contiguous()
         h_n = torch.stack(finals_h) if _uniform(finals_h) else finals_h
