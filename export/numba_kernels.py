@@ -207,16 +207,22 @@ if AVAILABLE:
 
     @_inline
     def _apply(acc, start, count, activation):
-        """acc[start:start+count] = act(...) in place: 1 tanh, 2 relu, 3 sigmoid, 0 nothing."""
-        if activation == 1:
-            for n in range(start, start + count):
-                acc[n] = _tanh(acc[n])
-        elif activation == 2:
-            for n in range(start, start + count):
-                acc[n] = acc[n] if acc[n] > _ZERO else _ZERO
-        elif activation == 3:
-            for n in range(start, start + count):
-                acc[n] = _sigmoid(acc[n])
+        """acc[start:start+count] = act(...) in place: 1 tanh, 2 relu, 3 sigmoid, 0 nothing.
+
+        ``count`` is a multiple of 16; the inner loops have the constant trip count 16, so
+        LLVM turns each into a few vector instructions (with a runtime count it kept them
+        scalar: an Elman step over an empty matrix cost 9.4 us, 4.8 without the tanh)."""
+        for block in range(count // TILE):
+            first = start + block * TILE
+            if activation == 1:
+                for i in range(TILE):
+                    acc[first + i] = _tanh(acc[first + i])
+            elif activation == 2:
+                for i in range(TILE):
+                    acc[first + i] = acc[first + i] if acc[first + i] > _ZERO else _ZERO
+            elif activation == 3:
+                for i in range(TILE):
+                    acc[first + i] = _sigmoid(acc[first + i])
 
     @_inline
     def _start(acc, acc_start, source, row_start, batch):
