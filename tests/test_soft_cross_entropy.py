@@ -59,3 +59,29 @@ def test_float32_navigation_sized_loss_matches_and_targets_need_no_gradient():
 def test_mismatched_shapes_name_both():
     with pytest.raises(ValueError, match=r"same shape, got \(2, 3\) and \(2, 4\)"):
         soft_cross_entropy(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_float32_gradient_with_log_probabilities_far_below_the_float32_range():
+    # peaked predictions: most log-probabilities below -87.3, where exp underflows; the
+    # gradient there counts them as 1.2e-38 instead of a subnormal or 0
+    torch.manual_seed(3)
+    logits64 = 40 * torch.randn(50, 128, dtype=torch.float64)
+    targets64 = torch.softmax(torch.randn(50, 128, dtype=torch.float64), -1)
+    assert (torch.log_softmax(logits64, -1) < -87.4).double().mean() > 0.3
+    logits = logits64.float().requires_grad_()
+    soft_cross_entropy(logits, targets64.float()).backward()
+    reference = logits64.clone().requires_grad_()
+    plain(reference, targets64).backward()
+    assert torch.allclose(logits.grad.double(), reference.grad, rtol=1e-5, atol=1e-9)
+
+
+def test_float32_gradient_unchanged_bitwise_when_nothing_underflows():
+    torch.manual_seed(4)
+    logits = torch.randn(30, 64, requires_grad=True)
+    targets = torch.softmax(torch.randn(30, 64), -1)
+    soft_cross_entropy(logits, targets).backward()
+    log_probs = torch.log_softmax(logits.detach(), -1)
+    scale = 1.0 / logits.shape[0]
+    expected = torch.exp(log_probs).mul_(targets.sum(-1, keepdim=True) * scale).addcmul_(targets, torch.tensor(scale),
+                                                                                        value=-1)
+    assert torch.equal(logits.grad, expected)
