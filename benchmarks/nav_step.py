@@ -19,7 +19,8 @@ Times, in interleaved rounds, at the same sizes and thread count:
   model to disk whenever the batch error improves; that save is switched off here
   (``besterr = -inf``), so their figure does not count disk writes.
 
-Each cell is the median over rounds of the mean step time within a round.
+Each cell is the median over rounds of the mean step time within a round; "x floor, per
+round" is the median (and range) of each round's own ratio to that round's floor.
 
     python benchmarks/nav_step.py --threads 2 --rounds 5 --steps 6 \\
         --authors /path/to/Moduli-regularizers/navigation --out runs/bench/nav_step.csv
@@ -189,11 +190,20 @@ def main() -> None:
     print(f"\nNavigation step, Np={args.Np} Ng={args.Ng} batch {args.batch} T={args.T}, {args.threads} threads, "
           f"{args.rounds} rounds x {args.steps} steps; GEMM work {flops / 1e9:.1f} GFLOP "
           f"({flops / median['floor'] / 1e9:.0f} GFLOPS at the floor)\n")
-    print("| variant | ms per step | x floor | authors / this |")
-    print("|---|---|---|---|")
+    # On a shared host the floor moves between rounds; a round's own ratio compares
+    # measurements made seconds apart, so its median is the steadier figure.
+    by_round = {(r["round"], r["variant"]): r["seconds"] for r in rows}
+
+    def round_ratio(numerator: str, denominator: str) -> str:
+        ratios = [by_round[(k, numerator)] / by_round[(k, denominator)] for k in range(args.rounds)]
+        return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+
+    print("| variant | ms per step | x floor | x floor, per round: median (range) | authors / this |")
+    print("|---|---|---|---|---|")
     for name, seconds in median.items():
         versus = f"{median['authors'] / seconds:.2f}" if "authors" in median and name != "floor" else ""
-        print(f"| {name} | {1000 * seconds:.0f} | {seconds / median['floor']:.2f} | {versus} |")
+        per_round = round_ratio(name, "floor") if name != "floor" else ""
+        print(f"| {name} | {1000 * seconds:.0f} | {seconds / median['floor']:.2f} | {per_round} | {versus} |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "x", newline="") as file:
