@@ -551,7 +551,6 @@ def _plot(table: Sequence[dict], path: Path | io.BytesIO) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120, format="png")
     plt.close(figure)
-    plt.close(figure)
 
 
 # --------------------------------------------------------------------------- command line
