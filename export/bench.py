@@ -591,7 +591,9 @@ def configs_from_args(args: argparse.Namespace) -> list[BenchConfig]:
         module, _ = _load_file(args.file)
         weight = module.weight_hh_l0.detach()
         file_sparsity = float((weight == 0).float().mean())
-        return [BenchConfig(module.hidden_size, b, s, "random", args.steps, file=args.file)
+        # absolute: the timing workers run in the package's directory, not the caller's
+        file = str(Path(args.file).resolve())
+        return [BenchConfig(module.hidden_size, b, s, "random", args.steps, file=file)
                 for b in args.batch for s in ([file_sparsity] if file_sparsity > 0.5
                                               else args.sparsity)]
     return [BenchConfig(h, b, s, p, args.steps, cell=cell) for cell in args.cell

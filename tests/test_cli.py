@@ -113,7 +113,8 @@ def test_table_refuses_a_run_folder_with_another_run(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["moduli-s0.5-seed0"]  # nothing trained
 
 
-def test_train_export_bench_path(tmp_path, capsys):
+def test_train_export_bench_path(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the README runs these with relative paths
     out = tmp_path / "run"
     assert _call(TRAIN + ["--out", str(out)], capsys)[0] == 0
     exported = tmp_path / "pruned.safetensors"
@@ -123,9 +124,10 @@ def test_train_export_bench_path(tmp_path, capsys):
     status, stdout, err = _call(["export", "torch.nn:Identity", "--state", str(out / "weights.safetensors"),
                                  "--safetensors", str(tmp_path / "x.safetensors")], capsys)
     assert status == 2 and "Traceback" not in err  # weights of another model: one line
-    status, stdout, err = _call(["bench", "--file", str(exported), "--batch", "1", "--steps", "5", "--rounds", "1",
-                                 "--repeats", "1", "--libraries", "torch_rnn", "ours", "--threads", "1",
-                                 "--device", "cpu", "--out", str(tmp_path / "bench")], capsys)
+    # a relative --file: the timing workers run in another directory
+    status, stdout, err = _call(["bench", "--file", "pruned.safetensors", "--batch", "1", "--steps", "5", "--rounds",
+                                 "1", "--repeats", "1", "--libraries", "torch_rnn", "ours", "--threads", "1",
+                                 "--device", "cpu", "--out", "bench"], capsys)
     assert status == 0, err
     assert "|" in stdout and any((tmp_path / "bench").iterdir())
     # a second benchmark into the same folder refuses before timing anything, files untouched
