@@ -617,7 +617,7 @@ def _validate(args: argparse.Namespace) -> None:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise BenchError(f"--out {args.out} is a file, not a folder")
     earlier = earlier_outputs(Path(args.out))
-    if earlier and not getattr(args, "overwrite", False):
+    if earlier and not args.overwrite:
         raise BenchError(f"--out {args.out} holds an earlier benchmark's {', '.join(p.name for p in earlier)}; "
                          f"choose another --out, or pass --overwrite to replace them")
 
