@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover
     AVAILABLE = False
 
 __all__ = ["AVAILABLE", "ACTIVATIONS", "TILE", "max_threads", "usable_cores", "get_threads", "set_threads",
-           "bsr_addmm", "bsr_elman", "bsr_lstm", "bsr_gru", "gather_columns"]
+           "run_in_threads", "bsr_addmm", "bsr_elman", "bsr_lstm", "bsr_gru", "gather_columns"]
 
 TILE = 16
 ACTIVATIONS = {"identity": 0, "tanh": 1, "relu": 2}
@@ -97,9 +97,17 @@ def _in_threads(count: int, call):
             set_threads(before)
 
 
+def run_in_threads(threads: int | None, call):
+    """``call(serial)`` on at most ``threads`` threads (``None``: numba's count now), never more
+    than :func:`usable_cores`: ``serial`` is True when that is one thread (run the serially
+    compiled copy, no parallel region), else numba's count is set for the call and restored."""
+    return _in_threads(_kernel_threads(threads), call)
+
+
 if AVAILABLE:
     # No 'nnan'/'ninf': the cells compare and exponentiate, and must stay IEEE there.
     _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
+    FAST_MATH = frozenset(_FAST)
 
     def _make_tile_apply(chains: int):
         """The tile product ``acc[a:a+16] += sum_j x[x_start + j*x_stride] * tiles[tile_start + 16j : +16]``
@@ -341,6 +349,11 @@ if AVAILABLE:
 
     def _serial(function):
         return njit(fastmath=_FAST, error_model="numpy", cache=True, nogil=True)(_named(function, "_serial"))
+
+    def serial_and_parallel(function):
+        """``(serial, parallel)`` compiled builds of ``function`` (its loops may use ``prange``),
+        each cached under its own name, for :func:`run_in_threads` to choose between."""
+        return _serial(function), _parallel(function)
 
     _elman_parallel, _elman_serial = _parallel(_elman_step), _serial(_elman_step)
     _lstm_parallel, _lstm_serial = _parallel(_lstm_step), _serial(_lstm_step)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from moduli_transform.tasks import loss_kernels
+from moduli_transform.tasks import soft_cross_entropy as sce
 from moduli_transform.tasks.soft_cross_entropy import soft_cross_entropy
+
+needs_kernels = pytest.mark.skipif(not loss_kernels.AVAILABLE, reason="numba is not installed")
 
 
 def plain(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -75,7 +80,8 @@ def test_float32_gradient_with_log_probabilities_far_below_the_float32_range():
     assert torch.allclose(logits.grad.double(), reference.grad, rtol=1e-5, atol=1e-9)
 
 
-def test_float32_gradient_unchanged_bitwise_when_nothing_underflows():
+def test_pytorch_path_float32_gradient_unchanged_bitwise_when_nothing_underflows(monkeypatch):
+    monkeypatch.setattr(sce, "_compiled", lambda *_: False)   # the path without the kernels
     torch.manual_seed(4)
     logits = torch.randn(30, 64, requires_grad=True)
     targets = torch.softmax(torch.randn(30, 64), -1)
@@ -85,3 +91,74 @@ def test_float32_gradient_unchanged_bitwise_when_nothing_underflows():
     expected = torch.exp(log_probs).mul_(targets.sum(-1, keepdim=True) * scale).addcmul_(targets, torch.tensor(scale),
                                                                                         value=-1)
     assert torch.equal(logits.grad, expected)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(7, 1), (5, 9), (3, 4, 37), (64, 512)])
+def test_compiled_float32_path_matches_the_plain_expression_in_double(shape, monkeypatch):
+    calls = []
+    forward = loss_kernels.forward
+    monkeypatch.setattr(loss_kernels, "forward", lambda *a: calls.append(a[0].shape) or forward(*a))
+    torch.manual_seed(5)
+    logits, targets = (4 * torch.randn(shape)).requires_grad_(), (1.5 * torch.rand(shape)).requires_grad_()
+    loss = soft_cross_entropy(logits, targets)   # targets not normalised
+    (0.7 * loss).backward()
+    assert calls == [(logits.numel() // shape[-1], shape[-1])]   # the kernels ran
+    # the same float32 inputs in double precision
+    reference_logits = logits.detach().double().requires_grad_()
+    reference_targets = targets.detach().double().requires_grad_()
+    reference = plain(reference_logits, reference_targets)
+    (0.7 * reference).backward()
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert abs(loss.item() - reference.item()) <= 2e-7 * abs(reference.item())
+    # float32 rounding of softmax * sum(y) - y: within 2e-6 of the largest gradient
+    # (PyTorch's own float32 path: 7e-7 at 10^4 x 512; these kernels 1.0e-6)
+    for got, want in ((logits.grad, reference_logits.grad), (targets.grad, reference_targets.grad)):
+        assert (got.double() - want).abs().max() <= 2e-6 * want.abs().max()
+
+
+@needs_kernels
+def test_compiled_path_is_bitwise_the_same_on_one_and_two_threads():
+    torch.manual_seed(6)
+    logits = (5 * torch.randn(300, 70)).numpy()
+    targets = torch.softmax(torch.randn(300, 70), -1).numpy()
+    one = loss_kernels.forward(logits, targets, threads=1)
+    two = loss_kernels.forward(logits, targets, threads=2)
+    assert one[0] == two[0] and np.array_equal(one[1], two[1]) and np.array_equal(one[2], two[2])
+    grads = [loss_kernels.backward(logits, targets, one[1], one[2], 0.01, threads=t) for t in (1, 2)]
+    assert np.array_equal(grads[0], grads[1])
+
+
+@needs_kernels
+def test_compiled_path_keeps_nan_and_infinite_losses():
+    targets = torch.full((3, 4), 0.25)
+    nan_row = torch.zeros(3, 4)
+    nan_row[1, 2] = float("nan")
+    assert torch.isnan(soft_cross_entropy(nan_row, targets))
+    inf_row = torch.zeros(3, 4)
+    inf_row[0, 0] = float("inf")
+    assert torch.isnan(soft_cross_entropy(inf_row, targets))      # as log_softmax gives
+    minus_inf = torch.zeros(3, 4)
+    minus_inf[2, 3] = -float("inf")
+    assert soft_cross_entropy(minus_inf, targets).item() == float("inf")
+    assert torch.isnan(soft_cross_entropy(torch.zeros(0, 4), torch.zeros(0, 4)))   # empty: nan, as .mean()
+
+
+@needs_kernels
+def test_compiled_exp_is_within_3e_7_and_never_subnormal():
+    from numba import njit
+
+    @njit
+    def exp_all(values, out):
+        for i in range(values.shape[0]):
+            out[i] = loss_kernels._exp(values[i])
+
+    values = np.concatenate([np.linspace(-87.3, 88.0, 200001), [-87.4, -100.0, -np.inf, np.nan]]).astype(np.float32)
+    out = np.empty_like(values)
+    exp_all(values, out)
+    inside = values[:200001].astype(np.float64)
+    relative = np.abs(out[:200001] / np.exp(inside) - 1)
+    assert relative.max() < 3e-7
+    tiny = np.finfo(np.float32).tiny
+    assert np.all(out[200001:204] == out[200001]) and tiny <= out[200001] < 1.2e-38 * 1.0001
+    assert np.isnan(out[-1])
