@@ -20,7 +20,10 @@ Times, in interleaved rounds, at the same sizes and thread count:
   (``besterr = -inf``), so their figure does not count disk writes.
 
 Each cell is the median over rounds of the mean step time within a round; "x floor, per
-round" is the median (and range) of each round's own ratio to that round's floor.
+round" is the median (and range) of each round's own ratio to that round's floor; "system
+ms" is the process's kernel time per step (page faults, mostly). Every variant runs with
+the allocator setting the ``moduli-transform`` command uses (``--allocator default`` for
+glibc's own), the authors' step included, since all run in this one process.
 
     python benchmarks/nav_step.py --threads 2 --rounds 5 --steps 6 \\
         --authors /path/to/Moduli-regularizers/navigation --out runs/bench/nav_step.csv
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -42,6 +46,7 @@ from typing import Callable
 
 import torch
 
+from moduli_transform.allocator import reuse_large_blocks
 from moduli_transform.tasks.navigation import PRESETS
 from moduli_transform.tasks.prefetch import BatchPrefetcher
 from moduli_transform.tasks.runner import RunConfig, _Run
@@ -158,10 +163,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per variant and round")
     parser.add_argument("--authors", help="a checkout of the authors' navigation/ folder (optional)")
     parser.add_argument("--out", help="CSV of the per-round times (refuses an existing file)")
+    parser.add_argument("--allocator", choices=("reuse", "default"), default="reuse",
+                        help="reuse: large freed blocks stay mapped, as the moduli-transform command "
+                             "runs (moduli_transform/allocator.py), for every variant in this process; "
+                             "default: glibc's own settings")
     args = parser.parse_args()
     if args.out and Path(args.out).exists():
         parser.error(f"--out {args.out} exists; give a new file")
     torch.set_num_threads(args.threads)
+    reused = reuse_large_blocks() if args.allocator == "reuse" else False
     shapes = gemm_shapes(args.batch, args.T, args.Ng, args.Np)
     flops = sum(2 * count * m * k * n for _, count, m, k, n in shapes)
 
@@ -172,13 +182,14 @@ def main() -> None:
     rows = []
     for round_ in range(args.rounds):
         gemms = time_gemms(shapes)
-        rows.append({"round": round_, "variant": "floor", "seconds": sum(gemms.values())})
+        rows.append({"round": round_, "variant": "floor", "seconds": sum(gemms.values()), "system_seconds": 0.0})
         for name, (step, _) in variants.items():
             step()  # warm: allocator, the producer's first batch
-            started = time.perf_counter()
+            system, started = resource.getrusage(resource.RUSAGE_SELF).ru_stime, time.perf_counter()
             for _ in range(args.steps):
                 step()
-            rows.append({"round": round_, "variant": name, "seconds": (time.perf_counter() - started) / args.steps})
+            rows.append({"round": round_, "variant": name, "seconds": (time.perf_counter() - started) / args.steps,
+                         "system_seconds": (resource.getrusage(resource.RUSAGE_SELF).ru_stime - system) / args.steps})
         print(f"round {round_ + 1}/{args.rounds}: " +
               ", ".join(f"{r['variant']} {1000 * r['seconds']:.0f} ms" for r in rows if r["round"] == round_),
               file=sys.stderr, flush=True)
@@ -189,7 +200,8 @@ def main() -> None:
               for name in ["floor", *variants]}
     print(f"\nNavigation step, Np={args.Np} Ng={args.Ng} batch {args.batch} T={args.T}, {args.threads} threads, "
           f"{args.rounds} rounds x {args.steps} steps; GEMM work {flops / 1e9:.1f} GFLOP "
-          f"({flops / median['floor'] / 1e9:.0f} GFLOPS at the floor)\n")
+          f"({flops / median['floor'] / 1e9:.0f} GFLOPS at the floor); allocator: "
+          f"{'large blocks reused' if reused else 'glibc default'}\n")
     # On a shared host the floor moves between rounds; a round's own ratio compares
     # measurements made seconds apart, so its median is the steadier figure.
     by_round = {(r["round"], r["variant"]): r["seconds"] for r in rows}
@@ -198,16 +210,18 @@ def main() -> None:
         ratios = [by_round[(k, numerator)] / by_round[(k, denominator)] for k in range(args.rounds)]
         return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
-    print("| variant | ms per step | x floor | x floor, per round: median (range) | authors / this |")
-    print("|---|---|---|---|---|")
+    system = {name: statistics.median(r["system_seconds"] for r in rows if r["variant"] == name) for name in median}
+    print("| variant | ms per step | system ms per step | x floor | x floor, per round: median (range) | authors / this |")
+    print("|---|---|---|---|---|---|")
     for name, seconds in median.items():
         versus = f"{median['authors'] / seconds:.2f}" if "authors" in median and name != "floor" else ""
         per_round = round_ratio(name, "floor") if name != "floor" else ""
-        print(f"| {name} | {1000 * seconds:.0f} | {seconds / median['floor']:.2f} | {per_round} | {versus} |")
+        print(f"| {name} | {1000 * seconds:.0f} | {1000 * system[name]:.1f} | {seconds / median['floor']:.2f} "
+              f"| {per_round} | {versus} |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "x", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=["round", "variant", "seconds"])
+            writer = csv.DictWriter(file, fieldnames=["round", "variant", "seconds", "system_seconds"])
             writer.writeheader()
             writer.writerows(rows)
 

@@ -13,6 +13,8 @@ import sys
 from importlib.metadata import entry_points
 from typing import Sequence
 
+from moduli_transform.allocator import reuse_large_blocks
+
 __all__ = ["build_parser", "main"]
 
 ENTRY_POINT_GROUP = "moduli_transform.commands"
@@ -42,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    reuse_large_blocks()   # this process is ours: large tensors' memory is reused (allocator.py)
     return int(args.func(args) or 0)
 
 

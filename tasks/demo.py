@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file
 
+from moduli_transform.allocator import reuse_large_blocks
 from moduli_transform.device import DEVICE_HELP, DeviceError, process_context, resolve_device
 
 from .locality import run_locality
@@ -96,7 +97,8 @@ def _train_all(plans: list[RunConfig], finished: dict[int, dict[str, Any]], todo
         print(f"training {len(todo)} runs ({jobs} at a time, device {device}): "
               f"{', '.join(c.regularizer for c in todo)}", flush=True)
         # Each run logs its own steps, time and eta (progress_bar in "log" mode, on stderr).
-        with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=process_context(device)) as pool:
+        with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=process_context(device),
+                                 initializer=reuse_large_blocks) as pool:
             futures = {pool.submit(_train, config, str(device)): config for config in todo}
             for done, future in enumerate(as_completed(futures), 1):
                 config, summary = futures[future], future.result()

@@ -32,6 +32,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from moduli_transform.allocator import reuse_large_blocks
 from moduli_transform.device import DEVICE_HELP, process_context, resolve_device
 
 from . import TASKS, get_task
@@ -194,7 +195,8 @@ def execute(configs: Sequence[RunConfig], jobs: int = 1, on_result: Any = None,
                 outcome = repr(error)
             record(config, outcome, started)
         return results
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=process_context(device)) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=process_context(device),
+                             initializer=reuse_large_blocks) as pool:
         started = time.time()
         futures = {pool.submit(_run_one, config, device): config for config in todo}
         for future in as_completed(futures):

@@ -33,6 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from moduli_transform.allocator import reuse_large_blocks
 from moduli_transform.device import process_context, resolve_device
 
 from .progress import progress_bar
@@ -134,7 +135,8 @@ def execute(configs: Sequence[RunConfig], backend: str = "local", jobs: int = 1,
     configs = claim_runs(configs)
     finished, pending = split_finished(configs)
     results: list[Any] = [finished.get(i) for i in range(len(configs))]
-    with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=process_context(resolved)) as pool, \
+    with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=process_context(resolved),
+                             initializer=reuse_large_blocks) as pool, \
             progress_bar(len(pending), desc="runs", unit="run", mode="auto" if pending else "off") as bar:
         futures = {pool.submit(_run_quietly, configs[index], str(resolved)): index for index in pending}
         for future in as_completed(futures):
