@@ -13,7 +13,11 @@ Synthetic models are Elman (``--cell rnn``), LSTM or GRU layers (``--cell lstm g
 stacked ``(4H, H)`` / ``(3H, H)`` recurrent matrix is pruned as one). ``--threads 1 2``
 measures every row with each thread count. The floor column is the time this process
 takes to read a row's bytes per step (a buffer of that size summed, so from whichever
-cache level it fits in), times the steps; "x floor" is the row's time over it.
+cache level it fits in), times the steps; "x floor" is the row's time over it. The
+recurrent bytes are not all of a sequence's work: every library also projects its inputs
+(``W_ih x_t + b`` for all steps, one dense product per layer), which the byte floor
+leaves out. "proj. (ms)" times that product alone (``torch.addmm`` into a ready buffer,
+same process and threads), and "x (floor + proj.)" is the row's time over the sum.
 
 Libraries (rows):
     torch_rnn      PyTorch dense ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` module
@@ -267,7 +271,9 @@ def _ort_runner(module: nn.RNNBase, threads: int, batch: int) -> Callable[[Tenso
 
 
 def _runner(library: str, config: BenchConfig, threads: int, device: torch.device):
-    """(run function, bytes read per step) for one library on one config, on ``device``."""
+    """``(run function, bytes read per step, kernel names, input size, input projections)`` for
+    one library on one config, on ``device``; the projections as ``(rows, inputs, outputs)``
+    per layer."""
     if library in ("torch_rnn", "ort_dense", "dense_loop"):
         module, perms = build_module(config, "dense")
     elif library in ("ours_tiled", "ours_tiled_fp16"):
@@ -294,7 +300,9 @@ def _runner(library: str, config: BenchConfig, threads: int, device: torch.devic
     nbytes = run.nbytes_per_step(config.batch) if isinstance(run, SparseRNN) else dense_bytes
     kernel_names = ",".join(sorted({k.name for k in run._kernels.values()})) \
         if isinstance(run, SparseRNN) else library
-    return run, nbytes, kernel_names, module.input_size
+    projections = [(config.steps * config.batch, module.input_size if layer == 0 else module.hidden_size,
+                    gates * module.hidden_size) for layer in range(module.num_layers)]
+    return run, nbytes, kernel_names, module.input_size, projections
 
 
 def _median(function: Callable[[], object], repeats: int, device: torch.device = torch.device("cpu")) -> float:
@@ -325,7 +333,7 @@ def run_worker(library: str, configs: Sequence[BenchConfig], threads: int, repea
         raise BenchError(f"library {library} runs on the CPU only ({CPU_ONLY[library]}); got device {where}")
     results = []
     for config in configs:
-        run, nbytes, kernel, input_size = _runner(library, config, threads, where)
+        run, nbytes, kernel, input_size, projections = _runner(library, config, threads, where)
         generator = torch.Generator().manual_seed(1)
         sequence = torch.randn(config.steps, config.batch, input_size, generator=generator).to(where)
         single = sequence[:1].contiguous()
@@ -336,7 +344,8 @@ def run_worker(library: str, configs: Sequence[BenchConfig], threads: int, repea
         floor_s = config.steps * read_seconds(nbytes, repeats, where)
         results.append({**asdict(config), "library": library, "kernel": kernel, "threads": threads,
                         "step_us": step_s * 1e6, "sequence_ms": sequence_s * 1e3,
-                        "floor_ms": floor_s * 1e3, "bytes_per_step": nbytes})
+                        "floor_ms": floor_s * 1e3, "projection_ms": projection_seconds(projections, repeats, where) * 1e3,
+                        "bytes_per_step": nbytes})
     return results
 
 
@@ -349,6 +358,21 @@ def read_seconds(nbytes: int, repeats: int = 5, device: torch.device = torch.dev
     buffer = torch.ones(max(1, nbytes // 4), device=device)
     buffer.sum()
     return _median(lambda: buffer.sum(), max(5, 4 * repeats), device)
+
+
+def projection_seconds(shapes: Sequence[tuple[int, int, int]], repeats: int = 5,
+                       device: torch.device = torch.device("cpu")) -> float:
+    """Median time of a sequence's input projections alone: for each ``(rows, inputs, outputs)``
+    one ``bias + x W^T`` (``torch.addmm`` into a buffer made beforehand)."""
+    operands = [(torch.randn(outputs, device=device), torch.randn(rows, inputs, device=device),
+                 torch.randn(outputs, inputs, device=device), torch.empty(rows, outputs, device=device))
+                for rows, inputs, outputs in shapes]
+
+    def project() -> None:
+        for bias, x, weight, out in operands:
+            torch.addmm(bias, x, weight.t(), out=out)
+    project()
+    return _median(project, max(5, 4 * repeats), device)
 
 
 def measure_bandwidth(repeats: int = 5, megabytes: int = 512, device: torch.device = torch.device("cpu")) -> float:
@@ -384,7 +408,7 @@ def _summarize(rows: list[dict], bandwidth: float) -> list[dict]:
     table = []
     for key, group in keyed.items():
         row = dict(group[0])
-        for field in ("step_us", "sequence_ms", "floor_ms"):
+        for field in ("step_us", "sequence_ms", "floor_ms", "projection_ms"):
             row[field] = statistics.median(r[field] for r in group)
         row["rounds"] = len(group)
         table.append(row)
@@ -402,6 +426,8 @@ def _summarize(rows: list[dict], bandwidth: float) -> list[dict]:
             row["gbps"] = row["bytes_per_step"] / per_step_s / 1e9
             row["bandwidth_fraction"] = row["gbps"] / bandwidth
             row["x_floor"] = row["sequence_ms"] / row["floor_ms"] if row["floor_ms"] > 0 else None
+            with_projection = row["floor_ms"] + row["projection_ms"]
+            row["x_floor_with_projection"] = row["sequence_ms"] / with_projection if with_projection > 0 else None
     order = {name: index for index, name in enumerate(LIBRARIES)}
     table.sort(key=lambda r: (r["file"], r["cell"], r["pattern"], r["hidden"], r["batch"],
                               r["sparsity"], r["threads"], order[r["library"]]))
@@ -469,7 +495,8 @@ def _fmt(value, digits: int = 2) -> str:
 
 
 COLUMNS = ("config", "threads", "library", "kernel", "step_us", "sequence_ms", "speedup_vs_rnn",
-           "speedup_vs_dense", "floor_ms", "x_floor", "bytes_per_step", "gbps", "bandwidth_fraction")
+           "speedup_vs_dense", "floor_ms", "x_floor", "projection_ms", "x_floor_with_projection",
+           "bytes_per_step", "gbps", "bandwidth_fraction")
 
 
 def _device_name(device: torch.device) -> str:
@@ -480,7 +507,8 @@ def markdown_table(table: Sequence[dict], bandwidth: float, device: str = "cpu")
     """The result rows as a markdown table (one line per config, thread count and library).
 
     "x torch_rnn" is the speed-up over the PyTorch module of the same cell (nn.RNN,
-    nn.LSTM or nn.GRU); floor (ms) is the time to read the row's bytes per step ``T`` times.
+    nn.LSTM or nn.GRU); floor (ms) is the time to read the row's bytes per step ``T`` times;
+    proj. (ms) the sequence's input projections alone (see the module docstring).
     """
     where = torch.device(device)
     memory = "DRAM" if where.type == "cpu" else "device memory"
@@ -490,13 +518,15 @@ def markdown_table(table: Sequence[dict], bandwidth: float, device: str = "cpu")
         header = f"Device {_device_name(where)}. {header}"
     lines = [header, "",
              "| config | threads | library | kernel | step (us) | sequence (ms) | x torch_rnn "
-             f"| x dense loop | floor (ms) | x floor | MB/step | GB/s | of {'DRAM' if where.type == 'cpu' else 'memory'} bw |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| x dense loop | floor (ms) | x floor | proj. (ms) | x (floor + proj.) | MB/step | GB/s "
+             f"| of {'DRAM' if where.type == 'cpu' else 'memory'} bw |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in table:
         lines.append(
             f"| {_label(row)} | {row['threads']} | {row['library']} | {row['kernel']} | "
             f"{_fmt(row['step_us'], 0)} | {_fmt(row['sequence_ms'])} | {_fmt(row['speedup_vs_rnn'])} | "
             f"{_fmt(row['speedup_vs_dense'])} | {_fmt(row['floor_ms'])} | {_fmt(row['x_floor'])} | "
+            f"{_fmt(row['projection_ms'], 3)} | {_fmt(row['x_floor_with_projection'])} | "
             f"{row['bytes_per_step'] / 1e6:.2f} | {_fmt(row['gbps'], 1)} | "
             f"{_fmt(row['bandwidth_fraction'])} |")
     return "\n".join(lines)

@@ -189,7 +189,7 @@ def test_bench_worker_runs_gated_cells_with_a_floor(cell):
         run_worker("torch_rnn", [config], threads=1, repeats=1)
     for row in rows:
         assert row["cell"] == cell and row["threads"] == 1
-        assert row["floor_ms"] > 0 and row["bytes_per_step"] > 0
+        assert row["floor_ms"] > 0 and row["bytes_per_step"] > 0 and row["projection_ms"] > 0
     gates = {"lstm": 4, "gru": 3}[cell]
     assert rows[1]["bytes_per_step"] == 4 * gates * 32 * 32 + 4 * 32
     assert config.label.startswith(f"{cell} torus H=32")
@@ -201,7 +201,8 @@ def test_bench_table_compares_within_a_thread_count():
     base = {"file": "", "cell": "lstm", "pattern": "random", "hidden": 64, "batch": 1,
             "sparsity": 0.9, "steps": 10, "seed": 0, "kernel": "k", "step_us": 1.0,
             "bytes_per_step": 1000}
-    rows = [{**base, "library": library, "threads": threads, "sequence_ms": ms, "floor_ms": 0.5}
+    rows = [{**base, "library": library, "threads": threads, "sequence_ms": ms, "floor_ms": 0.5,
+             "projection_ms": 0.5}
             for library, threads, ms in [("torch_rnn", 1, 8.0), ("ours_tiled", 1, 2.0),
                                          ("torch_rnn", 2, 6.0), ("ours_tiled", 2, 3.0)]]
     table = _summarize(rows, bandwidth=10.0)
@@ -209,5 +210,7 @@ def test_bench_table_compares_within_a_thread_count():
     assert speedups[("ours_tiled", 1)] == pytest.approx(4.0)
     assert speedups[("ours_tiled", 2)] == pytest.approx(2.0)
     assert {r["x_floor"] for r in table if r["library"] == "ours_tiled"} == {4.0, 6.0}
+    # the input projection counted beside the recurrent bytes: 2 ms over 0.5 + 0.5 ms
+    assert {r["x_floor_with_projection"] for r in table if r["library"] == "ours_tiled"} == {2.0, 3.0}
     text = markdown_table(table, 10.0)
-    assert "| floor (ms) | x floor |" in text and "| lstm random H=64 B=1 s=0.9 | 2 | ours_tiled |" in text
+    assert "| floor (ms) | x floor | proj. (ms) | x (floor + proj.) |" in text and "| lstm random H=64 B=1 s=0.9 | 2 | ours_tiled |" in text
