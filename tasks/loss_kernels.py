@@ -106,8 +106,8 @@ if AVAILABLE:
 def _check(logits: np.ndarray, targets: np.ndarray) -> None:
     if not AVAILABLE:
         raise RuntimeError("numba is not installed: the soft cross-entropy kernels need it")
-    if logits.ndim != 2 or logits.shape != targets.shape or logits.shape[1] == 0:
-        raise ValueError(f"logits and targets must be the same (rows, classes) shape with classes > 0, "
+    if logits.ndim != 2 or logits.shape != targets.shape or 0 in logits.shape:
+        raise ValueError(f"logits and targets must be the same non-empty (rows, classes) shape, "
                          f"got {logits.shape} and {targets.shape}")
 
 
@@ -120,7 +120,7 @@ def forward(logits: np.ndarray, targets: np.ndarray, threads: int) -> tuple[floa
     row_losses = np.empty(rows, np.float64)
     numba_kernels.run_in_threads(threads, lambda serial: (_forward_serial if serial else _forward_parallel)(
         logits, targets, log_sum_exp, target_sums, row_losses))
-    return float(row_losses.sum()) / max(rows, 1), log_sum_exp, target_sums
+    return float(row_losses.sum()) / rows, log_sum_exp, target_sums
 
 
 def backward(logits: np.ndarray, targets: np.ndarray, log_sum_exp: np.ndarray, target_sums: np.ndarray,

@@ -92,7 +92,7 @@ class _SoftCrossEntropy(torch.autograd.Function):
     @staticmethod
     def _compiled_backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, Tensor | None]:
         logits, targets, log_sum_exp, target_sums = ctx.saved_tensors
-        scale = float(grad_loss) / max(logits.shape[0], 1)
+        scale = float(grad_loss) / logits.shape[0]   # rows > 0: _compiled
         grad_logits = grad_targets = None
         if ctx.needs_input_grad[0]:
             grad_logits = torch.from_numpy(loss_kernels.backward(

@@ -142,6 +142,8 @@ def test_compiled_path_keeps_nan_and_infinite_losses():
     minus_inf[2, 3] = -float("inf")
     assert soft_cross_entropy(minus_inf, targets).item() == float("inf")
     assert torch.isnan(soft_cross_entropy(torch.zeros(0, 4), torch.zeros(0, 4)))   # empty: nan, as .mean()
+    with pytest.raises(ValueError, match=r"non-empty \(rows, classes\) shape, got \(0, 4\)"):
+        loss_kernels.forward(np.zeros((0, 4), np.float32), np.zeros((0, 4), np.float32), threads=1)
 
 
 @needs_kernels
