@@ -24,7 +24,6 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file
 
-from moduli_transform.allocator import reuse_large_blocks
 from moduli_transform.device import DEVICE_HELP, DeviceError, process_context, resolve_device
 
 from .locality import run_locality
@@ -32,6 +31,7 @@ from .navigation import CHANCE_LEVEL_CM
 from .ray_backend import split_finished
 from .run_folder import RunFolderError, claim_run_folder, continue_or_refuse
 from .runner import EMBEDDINGS_FILE, WEIGHTS_FILE, RunConfig, run
+from .workers import start_worker
 
 __all__ = ["register", "run_demo", "demo_table", "time_dense_vs_sparse", "CONTROLS", "TIMING_HIDDEN"]
 
@@ -98,7 +98,7 @@ def _train_all(plans: list[RunConfig], finished: dict[int, dict[str, Any]], todo
               f"{', '.join(c.regularizer for c in todo)}", flush=True)
         # Each run logs its own steps, time and eta (progress_bar in "log" mode, on stderr).
         with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=process_context(device),
-                                 initializer=reuse_large_blocks) as pool:
+                                 initializer=start_worker) as pool:
             futures = {pool.submit(_train, config, str(device)): config for config in todo}
             for done, future in enumerate(as_completed(futures), 1):
                 config, summary = futures[future], future.result()

@@ -32,12 +32,12 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from moduli_transform.allocator import reuse_large_blocks
 from moduli_transform.device import DEVICE_HELP, process_context, resolve_device
 
 from . import TASKS, get_task
 from .ray_backend import read_summary, same_recorded_run
 from .runner import RunConfig, run
+from .workers import start_worker
 
 __all__ = ["GRID", "STAGES", "Stage", "plan", "run_status", "execute", "register", "DEFAULT_SEEDS"]
 
@@ -196,7 +196,7 @@ def execute(configs: Sequence[RunConfig], jobs: int = 1, on_result: Any = None,
             record(config, outcome, started)
         return results
     with ProcessPoolExecutor(max_workers=jobs, mp_context=process_context(device),
-                             initializer=reuse_large_blocks) as pool:
+                             initializer=start_worker) as pool:
         started = time.time()
         futures = {pool.submit(_run_one, config, device): config for config in todo}
         for future in as_completed(futures):

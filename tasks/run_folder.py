@@ -10,6 +10,11 @@ Before a command trains into ``--out`` it calls :func:`claim_run_folder`:
 
 The refusal is one line naming ``--resume``, ``--overwrite`` and a free folder name.
 
+While a run is trained, the process holds :func:`lock_run_folder` on its folder (an
+exclusive ``flock`` on ``<out>/.lock``, released when the process ends, however it ends): a
+second process that would train, resume or move aside the same folder meanwhile is
+refused with the holder's pid (POSIX only; elsewhere nothing is locked).
+
 Commands that fill many run folders from a plan (``table``, ``demo``) call
 :func:`continue_or_refuse` per folder instead: a run with the plan's settings there is
 continued from its checkpoints, a run with other settings is refused, never replaced.
@@ -28,15 +33,26 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
+
 from .ray_backend import same_recorded_run
 
-__all__ = ["RunFolderError", "claim_run_folder", "continue_or_refuse", "free_name", "holds_run", "recorded_identity"]
+__all__ = ["RunFolderError", "claim_run_folder", "continue_or_refuse", "free_name", "holds_run",
+           "lock_run_folder", "recorded_identity"]
+
+LOCK_FILE = ".lock"
 
 # What a run writes; any of them present means the folder holds (part of) a run.
 RUN_FILES = ("config.json", "summary.json", "metrics.jsonl", "checkpoints", "weights.safetensors")
@@ -66,6 +82,39 @@ def recorded_identity(out: Path) -> dict[str, Any] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return {k: v for k, v in recorded.items() if k != "resume"} if isinstance(recorded, dict) else None
+
+
+@contextlib.contextmanager
+def lock_run_folder(out: str | Path) -> Iterator[Path]:
+    """Hold the run folder ``out`` (made if missing) for this process while the block runs.
+
+    Raises:
+        RunFolderError: another process holds it (the message names its pid), or ``out``
+            is a file.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"{out} is a file, not a run folder; choose a folder such as {free_name(out)}")
+    out.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:  # pragma: no cover - not POSIX
+        yield out
+        return
+    with open(out / LOCK_FILE, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise RunFolderError(f"{out} is being trained by another process (pid {holder}); wait for it "
+                                 f"to finish or stop it, or choose another folder such as {free_name(out)}") from None
+        try:
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"{os.getpid()}\n")
+            lock.flush()
+            yield out
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _move_aside(out: Path) -> Path:

@@ -67,7 +67,7 @@ from .checkpoint import (capture_training_state, flatten_state, load_checkpoint,
                          save_checkpoint, unflatten_state)
 from .prefetch import BatchPrefetcher
 from .progress import progress_bar, resolve_mode
-from .run_folder import RunFolderError, claim_run_folder, holds_run
+from .run_folder import RunFolderError, claim_run_folder, holds_run, lock_run_folder
 
 __all__ = ["RunConfig", "RunConfigError", "RunInterrupted", "Phases", "LinearRamp", "EpochRamp", "run",
            "initial_embeddings", "tail_mean", "SUMMARY_KEYS", "METRIC_KEYS", "REGULARIZERS"]
@@ -623,15 +623,30 @@ def run(config: RunConfig, *, progress: bool | str = True, stop_after: int | Non
     """
     resolved = resolve_device(device)
     quiet = resolve_mode(progress, sys.stderr) == "off"  # an unknown mode fails before any work
-    if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 alone owns the folder
-        _check_run_folder(config, overwrite, quiet)
-    threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    try:
-        return _run(config, progress, stop_after, resolved, prefetch)
-    finally:
-        torch.set_num_threads(threads)
+    owner = os.environ.get("RANK", "0") == "0"  # torchrun: rank 0 alone owns the folder
+    with _claimed_run_folder(config, overwrite, quiet) if owner else contextlib.nullcontext():
+        threads = torch.get_num_threads()
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        try:
+            return _run(config, progress, stop_after, resolved, prefetch)
+        finally:
+            torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _claimed_run_folder(config: RunConfig, overwrite: bool, quiet: bool) -> Iterator[None]:
+    """The run-folder rule, under the folder's lock (:func:`lock_run_folder`) for the whole
+    run: a folder another process trains is neither moved aside nor trained into."""
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        _check_run_folder(config, overwrite, quiet)   # refuses the file, naming a free folder
+    with lock_run_folder(out) if out.is_dir() else contextlib.nullcontext():
+        _check_run_folder(config, overwrite, quiet)   # may move the folder (and this lock) aside
+    with lock_run_folder(out):
+        # a run that another process made between the two locks is not replaced either
+        _check_run_folder(config, overwrite=False, quiet=True)
+        yield
 
 
 def _check_run_folder(config: RunConfig, overwrite: bool, quiet: bool) -> None:

@@ -33,13 +33,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from moduli_transform.allocator import reuse_large_blocks
 from moduli_transform.device import process_context, resolve_device
 
 from .progress import progress_bar
 from .ray_backend import RunFailure, execute_ray, split_finished
 from .run_folder import continue_or_refuse
 from .runner import RunConfig, run
+from .workers import start_worker
 
 __all__ = ["GRIDS", "PAPER_SPARSITIES", "plan_runs", "claim_runs", "execute", "aggregate", "format_markdown",
            "write_tables", "run_table"]
@@ -136,7 +136,7 @@ def execute(configs: Sequence[RunConfig], backend: str = "local", jobs: int = 1,
     finished, pending = split_finished(configs)
     results: list[Any] = [finished.get(i) for i in range(len(configs))]
     with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=process_context(resolved),
-                             initializer=reuse_large_blocks) as pool, \
+                             initializer=start_worker) as pool, \
             progress_bar(len(pending), desc="runs", unit="run", mode="auto" if pending else "off") as bar:
         futures = {pool.submit(_run_quietly, configs[index], str(resolved)): index for index in pending}
         for future in as_completed(futures):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -153,6 +156,58 @@ def test_run_never_clears_a_run_folder_it_did_not_make(tmp_path):
     assert {p.relative_to(moved[0]): p.read_bytes() for p in moved[0].rglob("*") if p.is_file()} == before
     assert second["seed"] == 1 and first["seed"] == 0
     assert json.loads((out / "summary.json").read_text())["seed"] == 1
+
+
+HOLD_LOCK = """
+import sys, time
+from moduli_transform.tasks.run_folder import lock_run_folder
+with lock_run_folder(sys.argv[1]):
+    print("holding", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_run_folder_another_process_trains_is_neither_resumed_nor_moved(tmp_path):
+    from moduli_transform.tasks.run_folder import RunFolderError
+
+    config = _config(tmp_path, lottery=False)
+    with pytest.raises(RunInterrupted):
+        run(config, progress=False, stop_after=10)
+    out = tmp_path / "run"
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        refused = rf"{out} is being trained by another process \(pid {holder.pid}\); .* such as {out}-2"
+        with pytest.raises(RunFolderError, match=refused):
+            run(RunConfig.from_dict({**config.to_dict(), "resume": True}), progress=False)
+        with pytest.raises(RunFolderError, match=refused):
+            run(RunConfig.from_dict({**config.to_dict(), "seed": 1}), progress=False, overwrite=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]   # nothing moved aside
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*")
+            if p.is_file() and p.name != ".lock"} == before
+    # the holder gone (killed: its lock went with it), the run resumes
+    resumed = run(RunConfig.from_dict({**config.to_dict(), "resume": True}), progress=False)
+    assert resumed["steps"] > 10 and (out / "summary.json").exists()
+
+
+def test_run_folder_lock_is_exclusive_and_released(tmp_path):
+    from moduli_transform.tasks.run_folder import RunFolderError, lock_run_folder
+
+    with lock_run_folder(tmp_path / "r") as folder:
+        assert (folder / ".lock").read_text() == f"{os.getpid()}\n"
+        with pytest.raises(RunFolderError, match=rf"pid {os.getpid()}"):
+            with lock_run_folder(tmp_path / "r"):
+                pass
+    with lock_run_folder(tmp_path / "r"):   # released: taken again
+        pass
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunFolderError, match="is a file"):
+        with lock_run_folder(tmp_path / "file"):
+            pass
 
 
 def test_run_into_an_empty_folder_and_resume_without_checkpoint(tmp_path, capsys):

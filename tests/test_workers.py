@@ -1,0 +1,65 @@
+"""tasks/workers.py: pool workers end with the driver that started them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+
+# A driver that starts a worker and exits without a word to it, as one stopped by `kill`.
+DRIVER = """
+import subprocess, sys
+worker = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)   # the caller waits for no pipe of its
+assert worker.stdout.readline().strip() == "started"
+print(worker.pid, flush=True)
+"""
+WORKER = """
+import sys, time
+from moduli_transform.tasks.workers import die_with_parent, start_worker
+if sys.argv[1] == "start_worker":
+    start_worker()
+else:
+    assert die_with_parent()
+print("started", flush=True)
+time.sleep(60)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")   # a zombie has ended; only its exit status is left
+
+
+@linux
+@pytest.mark.parametrize("setup", ["die_with_parent", "start_worker"])
+def test_a_worker_ends_when_its_driver_ends(setup):
+    done = subprocess.run([sys.executable, "-c", DRIVER, WORKER, setup], capture_output=True, text=True,
+                          check=True, timeout=60)
+    pid = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 20
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid)
+
+
+@linux
+def test_without_it_the_worker_outlives_its_driver():
+    # the control: the same worker without the request keeps running after the driver
+    worker = WORKER.replace("    assert die_with_parent()", "    pass")
+    done = subprocess.run([sys.executable, "-c", DRIVER, worker, "none"], capture_output=True, text=True,
+                          check=True, timeout=60)
+    pid = int(done.stdout.split()[0])
+    try:
+        time.sleep(0.5)
+        assert _alive(pid)
+    finally:
+        subprocess.run(["kill", str(pid)], check=False)
