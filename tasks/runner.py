@@ -639,8 +639,6 @@ def _claimed_run_folder(config: RunConfig, overwrite: bool, quiet: bool) -> Iter
     """The run-folder rule, under the folder's lock (:func:`lock_run_folder`) for the whole
     run: a folder another process trains is neither moved aside nor trained into."""
     out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        _check_run_folder(config, overwrite, quiet)   # refuses the file, naming a free folder
     with lock_run_folder(out) if out.is_dir() else contextlib.nullcontext():
         _check_run_folder(config, overwrite, quiet)   # may move the folder (and this lock) aside
     with lock_run_folder(out):
