@@ -13,8 +13,8 @@ Times, in interleaved rounds, for an Elman layer of ``--hidden`` units pruned to
   times the steps (the L3 figure when they fit in L3, as here at 98%).
 
 Each cell is the median over rounds of a round's median call. Pin the process
-(``taskset -c 0``) and keep the other cores idle: a busy neighbour slows the sequence of
-parts far more than any part alone (docs/BENCHMARKS.md, "A busy neighbour core").
+(``taskset -c 0``) and keep that core to it: a process sharing it preempts calls of a few
+ms for a whole scheduler slice (docs/BENCHMARKS.md, "Busy cores").
 
     taskset -c 0 python benchmarks/tile_call_parts.py --sparsity 0.98 --rounds 7
 """
