@@ -10,6 +10,7 @@ on; a second driver started then trained the same run folders beside them.
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
 import signal
 import sys
@@ -21,16 +22,18 @@ __all__ = ["die_with_parent", "start_worker"]
 _PR_SET_PDEATHSIG = 1   # prctl(2)
 
 
-def die_with_parent(sig: int = signal.SIGTERM) -> bool:
+def die_with_parent(sig: int = signal.SIGTERM, parent_pid: int | None = None) -> bool:
     """Have this process receive ``sig`` when its parent ends (Linux ``prctl``); returns
-    whether that was set. If the parent has already gone, the process ends now.
+    whether that was set. If the parent has already gone, the process ends now: pass the
+    ``parent_pid`` that started it to cover a parent that ended before this call (without
+    it, the parent seen now is taken as the one to watch).
 
     The kernel watches the parent *thread* that started this process: the pools here
     start their workers from the thread that submits the runs (the driver's main thread).
     """
     if not sys.platform.startswith("linux"):
         return False
-    parent = os.getppid()
+    parent = os.getppid() if parent_pid is None else parent_pid
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):  # pragma: no cover - a libc without prctl
@@ -43,6 +46,8 @@ def die_with_parent(sig: int = signal.SIGTERM) -> bool:
 
 
 def start_worker() -> None:
-    """Pool ``initializer``: the allocator setting, and end with the driver."""
+    """Pool ``initializer``: the allocator setting, and end with the driver (the driver's
+    pid from ``multiprocessing``, so a driver that ended while this worker started counts)."""
     reuse_large_blocks()
-    die_with_parent()
+    driver = multiprocessing.parent_process()
+    die_with_parent(parent_pid=None if driver is None else driver.pid)

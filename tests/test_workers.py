@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -63,3 +64,13 @@ def test_without_it_the_worker_outlives_its_driver():
         assert _alive(pid)
     finally:
         subprocess.run(["kill", str(pid)], check=False)
+
+
+@linux
+def test_a_worker_whose_driver_already_ended_ends_at_once():
+    # the driver named (here: a pid that is not this process's parent) is gone by the time
+    # the worker asks: it ends at once instead of training on
+    done = subprocess.run([sys.executable, "-c", "import os\nfrom moduli_transform.tasks.workers import "
+                           "die_with_parent\ndie_with_parent(parent_pid=os.getppid() + 1_000_000)\n"
+                           "print('trained on')"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGTERM and "trained on" not in done.stdout
