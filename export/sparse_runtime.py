@@ -640,7 +640,7 @@ class SparseRNN:
     def _final(self, columns: Tensor, index: int) -> Tensor:
         state = columns.t()
         if self.perms[index] is not None:
-            state = state[:, self._inverse[index]]
+            state = _take_columns(state, self._inverse[index])   # torch's indexing: 55 us at H=4096
         return state
 
     def _run_layer(self, index: int, inputs: Tensor, h: Tensor, c: Tensor | None):
@@ -717,8 +717,8 @@ class SparseRNN:
 
 def _take_columns(tensor: Tensor, index: Tensor) -> Tensor:
     """``tensor[..., index]``, compiled when numba is there (PyTorch's indexing took a third
-    of a tiled batch-16 sequence)."""
-    if not numba_kernels.AVAILABLE:
+    of a tiled batch-16 sequence); PyTorch's own on other devices (CUDA)."""
+    if not numba_kernels.AVAILABLE or tensor.device.type != "cpu":
         return tensor[..., index]
     rows = tensor.contiguous().view(-1, tensor.shape[-1]).numpy()
     taken = numba_kernels.gather_columns(rows, index.numpy())

@@ -62,13 +62,37 @@ def test_fused_gated_layers_equal_the_module(cell, layers, batch, bias, initial)
 
 
 @pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU, nn.RNN])
-def test_one_thread_and_two_threads_agree(cell):
+@pytest.mark.parametrize("batch", [1, 4])   # batch 1 runs its own step functions
+def test_one_thread_and_two_threads_agree(cell, batch):
     module = _tile_pruned(cell, 2, True)
-    x = torch.randn(6, 4, 5)
+    x = torch.randn(6, batch, 5)
     serial = SparseRNN.from_module(module, kernel="tiles", threads=1)(x)
     parallel = SparseRNN.from_module(module, kernel="tiles", threads=2)(x)
+    with torch.no_grad():
+        expected = module(x)
     assert _max_error(serial[0], parallel[0]) <= 1e-6
     assert _max_error(serial[1], parallel[1]) <= 1e-6
+    assert _max_error(serial[0], expected[0]) <= ATOL
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "identity"])
+def test_fused_elman_at_batch_one_equals_a_float64_reference(activation):
+    torch.manual_seed(5)
+    hidden, steps = 64, 7
+    weight = torch.randn(hidden, hidden) * 0.3 * tile_prune(torch.randn(hidden, hidden), 0.5, 16)
+    kernel = TileKernel(weight)
+    projected = torch.randn(steps, 1, hidden)
+    h0 = torch.randn(1, hidden)
+    outputs = np.empty((steps, 1, hidden), np.float32)
+    act = {"tanh": torch.tanh, "relu": torch.relu, "identity": lambda v: v}[activation]
+    h, expected = h0.double(), []
+    for t in range(steps):
+        h = act(projected[t].double() + h @ weight.double().t())
+        expected.append(h)
+    for threads in (1, 2):
+        numba_kernels.bsr_elman(kernel.ptr, kernel.cols, kernel.tiles_t, projected.numpy(), h0.numpy(),
+                                outputs, activation, threads=threads)
+        assert float((torch.from_numpy(outputs).double() - torch.stack(expected)).abs().max()) <= ATOL
 
 
 @pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])

@@ -214,3 +214,14 @@ def test_bench_table_compares_within_a_thread_count():
     assert {r["x_floor_with_projection"] for r in table if r["library"] == "ours_tiled"} == {2.0, 3.0}
     text = markdown_table(table, 10.0)
     assert "| floor (ms) | x floor | proj. (ms) | x (floor + proj.) |" in text and "| lstm random H=64 B=1 s=0.9 | 2 | ours_tiled |" in text
+
+
+def test_take_columns_uses_torch_off_the_cpu():
+    from moduli_transform.export.sparse_runtime import _take_columns
+    source = torch.arange(12.0).view(2, 2, 3)
+    index = torch.tensor([2, 0, 1])
+    assert torch.equal(_take_columns(source, index), source[..., index])
+    # the compiled gather reads numpy arrays: a tensor on another device (CUDA; 'meta' here)
+    # goes through PyTorch's indexing instead of failing in .numpy()
+    taken = _take_columns(source.to("meta"), index.to("meta"))
+    assert taken.device.type == "meta" and taken.shape == (2, 2, 3)
