@@ -59,6 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from moduli_transform.device import DEVICE_HELP, resolve_device
+from moduli_transform.export import core_load
 from moduli_transform.export.safetensors_format import atomic_write_bytes
 from moduli_transform.export.sparse_runtime import SparseRNN, layers_from_module
 from moduli_transform.export.tiles import magnitude_mask, order_neurons, permute_rnn, tile_prune
@@ -411,6 +412,9 @@ def _summarize(rows: list[dict], bandwidth: float) -> list[dict]:
         for field in ("step_us", "sequence_ms", "floor_ms", "projection_ms"):
             row[field] = statistics.median(r[field] for r in group)
         row["rounds"] = len(group)
+        for field in ("others_busy", "steal"):   # None where not measured (not Linux)
+            values = [r[field] for r in group if r.get(field) is not None]
+            row[field] = max(values) if values else None
         table.append(row)
     by_config = {}
     for row in table:
@@ -483,7 +487,14 @@ def run_benchmark(configs: Sequence[BenchConfig], libraries: Sequence[str] = LIB
         for library in libraries:
             for count in counts:
                 log(f"round {round_index + 1}/{rounds}: {library}, {count} thread(s)")
-                rows.extend(_spawn(library, configs, count, repeats, str(where)))
+                with core_load.watch() as load:
+                    measured = _spawn(library, configs, count, repeats, str(where))
+                if load.others is not None and load.others > core_load.BUSY_WARNING:
+                    log(f"warning: other processes took {load.others:.0%} of the cores while {library} "
+                        f"ran ({count} thread(s)): its times are inflated")
+                for row in measured:
+                    row["others_busy"], row["steal"] = load.others, load.steal
+                rows.extend(measured)
     bandwidth = statistics.median(bandwidths)
     return _summarize(rows, bandwidth), bandwidth
 
@@ -496,7 +507,7 @@ def _fmt(value, digits: int = 2) -> str:
 
 COLUMNS = ("config", "threads", "library", "kernel", "step_us", "sequence_ms", "speedup_vs_rnn",
            "speedup_vs_dense", "floor_ms", "x_floor", "projection_ms", "x_floor_with_projection",
-           "bytes_per_step", "gbps", "bandwidth_fraction")
+           "bytes_per_step", "gbps", "bandwidth_fraction", "others_busy", "steal")
 
 
 def _device_name(device: torch.device) -> str:
@@ -516,11 +527,11 @@ def markdown_table(table: Sequence[dict], bandwidth: float, device: str = "cpu")
              "steps; times are medians over rounds."
     if where.type != "cpu":
         header = f"Device {_device_name(where)}. {header}"
-    lines = [header, "",
+    lines = [header, *_load_lines(table), "",
              "| config | threads | library | kernel | step (us) | sequence (ms) | x torch_rnn "
              f"| x dense loop | floor (ms) | x floor | proj. (ms) | x (floor + proj.) | MB/step | GB/s "
-             f"| of {'DRAM' if where.type == 'cpu' else 'memory'} bw |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| of {'DRAM' if where.type == 'cpu' else 'memory'} bw | others' CPU |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in table:
         lines.append(
             f"| {_label(row)} | {row['threads']} | {row['library']} | {row['kernel']} | "
@@ -528,8 +539,27 @@ def markdown_table(table: Sequence[dict], bandwidth: float, device: str = "cpu")
             f"{_fmt(row['speedup_vs_dense'])} | {_fmt(row['floor_ms'])} | {_fmt(row['x_floor'])} | "
             f"{_fmt(row['projection_ms'], 3)} | {_fmt(row['x_floor_with_projection'])} | "
             f"{row['bytes_per_step'] / 1e6:.2f} | {_fmt(row['gbps'], 1)} | "
-            f"{_fmt(row['bandwidth_fraction'])} |")
+            f"{_fmt(row['bandwidth_fraction'])} | {_share(row.get('others_busy'))} |")
     return "\n".join(lines)
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def _load_lines(table: Sequence[dict]) -> list[str]:
+    """The header's note on the other processes' share of the cores (``core_load``)."""
+    busy = [row["others_busy"] for row in table if row.get("others_busy") is not None]
+    if not busy:
+        return ["Other processes' share of the cores was not measured (no /proc/stat)."] \
+            if any("others_busy" in row for row in table) else []
+    steal = [row["steal"] for row in table if row.get("steal") is not None]
+    line = (f"Other processes took up to {max(busy):.0%} of the cores while a row was timed "
+            f"(\"others' CPU\", the most of its rounds); the hypervisor stole up to {max(steal):.0%}.")
+    if max(busy) > core_load.BUSY_WARNING or max(steal) > core_load.BUSY_WARNING:
+        line += (f" **Above {core_load.BUSY_WARNING:.0%}: those rows' times are inflated; rerun them on "
+                 "idle cores** (docs/BENCHMARKS.md, \"Busy cores\").")
+    return [line]
 
 
 OUTPUT_FILES = ("bench.md", "bench.csv", "bench.png")
