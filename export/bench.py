@@ -58,7 +58,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from moduli_transform.device import DEVICE_HELP, resolve_device
+from moduli_transform.device import DEVICE_HELP, exact_float32, resolve_device
 from moduli_transform.export import core_load
 from moduli_transform.export.safetensors_format import atomic_write_bytes
 from moduli_transform.export.sparse_runtime import SparseRNN, layers_from_module
@@ -332,6 +332,12 @@ def run_worker(library: str, configs: Sequence[BenchConfig], threads: int, repea
         raise BenchError(f"unknown library {library!r}; expected one of {', '.join(LIBRARIES)}")
     if where.type != "cpu" and library in CPU_ONLY:
         raise BenchError(f"library {library} runs on the CPU only ({CPU_ONLY[library]}); got device {where}")
+    with exact_float32(where):   # torch_rnn's cuDNN in IEEE float32, as the other rows' products
+        return _time_configs(library, configs, threads, repeats, where)
+
+
+def _time_configs(library: str, configs: Sequence[BenchConfig], threads: int, repeats: int,
+                  where: torch.device) -> list[dict]:
     results = []
     for config in configs:
         run, nbytes, kernel, input_size, projections = _runner(library, config, threads, where)

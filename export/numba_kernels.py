@@ -17,8 +17,10 @@ whole tile at any batch size.
   i, f, g, o; GRU r, z, n with ``b_hn`` inside ``r * (W_hn h + b_hn)``).
 
 At batch 1 each cell runs its own step function over flat vectors, which accumulates
-straight into the step's outputs (Elman) or a block's gates, without the batch loops around
-the 16-wide copies: H=4096, 98%, one thread, 16% less time a sequence (bitwise the same sums).
+straight into the step's outputs (Elman, one thread) or a block's gates, without the batch
+loops around the 16-wide copies (bitwise the same sums). In interleaved A/B runs, H=4096 Elman
+at 98% on one thread took 16% less time a sequence; H=2048 LSTM at 90% 15% less on one
+thread and 18% less on two; GRU 4% and 10% less.
 
 Every sequence runs all ``T`` steps in one call, so nothing returns to Python between
 steps. States and inputs are batch-major, as PyTorch lays them out: ``(batch, hidden)``
@@ -277,9 +279,10 @@ if AVAILABLE:
 
         Each block row accumulates straight into its 16 outputs (no scratch, no batch loop
         around the 16-wide copies), so the per-row work around the tiles is a vector copy,
-        the tiles and the nonlinearity: H=4096, 98%, one thread, 1.59-1.76 -> 1.17-1.47 ms
-        a sequence (0.45 -> 0.35 ms over an empty matrix)."""
-        for block_row in prange(ptr.shape[0] - 1):
+        the tiles and the nonlinearity: H=4096, 98%, one thread, 16% less time a sequence
+        (0.45 -> 0.35 ms over an empty matrix). Serial only: on two threads the same loop was
+        20% slower than :func:`_elman_step`, and with a scratch row no faster."""
+        for block_row in range(ptr.shape[0] - 1):
             base = block_row * TILE
             for i in range(TILE):
                 out[base + i] = u[base + i]
@@ -425,7 +428,7 @@ if AVAILABLE:
         return _serial(function), _parallel(function)
 
     _elman_parallel, _elman_serial = _parallel(_elman_step), _serial(_elman_step)
-    _elman_single_parallel, _elman_single_serial = _parallel(_elman_step_single), _serial(_elman_step_single)
+    _elman_single_serial = _serial(_elman_step_single)   # one thread only (see _elman_sequence)
     _lstm_parallel, _lstm_serial = _parallel(_lstm_step), _serial(_lstm_step)
     _gru_parallel, _gru_serial = _parallel(_gru_step), _serial(_gru_step)
     _lstm_single_parallel, _lstm_single_serial = _parallel(_lstm_step_single), _serial(_lstm_step_single)
@@ -439,14 +442,11 @@ if AVAILABLE:
 
     @njit(cache=True, nogil=True)
     def _elman_sequence(ptr, cols, tiles, projected, h0, outputs, activation, serial):
-        if h0.shape[0] == 1:
+        if h0.shape[0] == 1 and serial:   # in parallel, writing straight into the outputs was 20% slower
             flat_tiles = tiles.reshape(-1)
             for t in range(projected.shape[0]):
                 h = h0[0] if t == 0 else outputs[t - 1, 0]
-                if serial:
-                    _elman_single_serial(ptr, cols, flat_tiles, projected[t, 0], h, outputs[t, 0], activation)
-                else:
-                    _elman_single_parallel(ptr, cols, flat_tiles, projected[t, 0], h, outputs[t, 0], activation)
+                _elman_single_serial(ptr, cols, flat_tiles, projected[t, 0], h, outputs[t, 0], activation)
             return
         scratch = np.empty((ptr.shape[0] - 1, TILE * h0.shape[0]), dtype=np.float32)
         for t in range(projected.shape[0]):

@@ -273,6 +273,14 @@ class TileKernel(RecurrentKernel):
                 f"the 'tiles' kernel is compiled for {numba_kernels.TILE}x{numba_kernels.TILE} "
                 f"tiles, got tile={tile}; use tile={numba_kernels.TILE} or the 'bsr' / 'gather' kernels"
             )
+        if weight.device.type != "cpu":
+            raise RuntimeConfigError(
+                f"the {self.name!r} kernel runs on the CPU only (numba); this layer's weights are on "
+                f"{weight.device}: use 'dense', 'csr', 'bsr', 'gather' or 'auto' there")
+        if not _tile_divisible(weight, tile):
+            raise RuntimeConfigError(
+                f"the {self.name!r} kernel needs both sides of the recurrent matrix to be multiples of "
+                f"{tile}, got {tuple(weight.shape)}; use 'csr', 'dense' or 'auto'")
         bsr = _to_bsr(weight.float(), tile)
         self.ptr = bsr.crow_indices().to(torch.int32).numpy()
         self.cols = bsr.col_indices().to(torch.int32).numpy()
@@ -367,7 +375,7 @@ def _sequence(kernel: RecurrentKernel, mode: str, projected: Tensor, h: Tensor) 
     ``projected`` is (T, batch, rows) and ``h`` (batch, hidden), as a fused layer reads them.
     """
     c = torch.zeros_like(h) if mode == "LSTM" else None
-    bias = torch.zeros(kernel.shape[0], 1)
+    bias = torch.zeros(kernel.shape[0], 1, device=projected.device)   # a GRU's step reads it
     if hasattr(kernel, "run_layer"):
         return kernel.run_layer(mode, projected, h, c, bias)[0]
     step, h, c = _STEPS[mode], h.t().contiguous(), None if c is None else c.t().contiguous()
@@ -620,7 +628,15 @@ class SparseRNN:
                     self._kernels[key] = choose_kernel(weight, batch, self.candidates, self.tile,
                                                        mode=self.layers[index].mode)
             else:
-                self._kernels[key] = KERNELS[self.kernel_name](weight, self.tile)
+                chosen = KERNELS[self.kernel_name]
+                # the tile kernels explain their own refusals (tile size, CPU only, shape)
+                if not issubclass(chosen, TileKernel) and not chosen.applies(weight, self.tile):
+                    able = [name for name, kernel in KERNELS.items() if kernel.applies(weight, self.tile)]
+                    raise RuntimeConfigError(
+                        f"kernel {self.kernel_name!r} cannot run layer {index}'s {tuple(weight.shape)} "
+                        f"recurrent matrix with tile={self.tile} (its sides must be multiples of the tile); "
+                        f"kernels that can: {', '.join(able)}, or 'auto'")
+                self._kernels[key] = chosen(weight, self.tile)
         return self._kernels[key]
 
     def nbytes_per_step(self, batch: int) -> int:

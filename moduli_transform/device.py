@@ -6,7 +6,8 @@
 * ``"auto"``: ``cuda`` when CUDA is available, else ``cpu``;
 * ``"cpu"``;
 * ``"cuda"``: this process's GPU, ``cuda:$LOCAL_RANK`` under ``torchrun`` (each rank its
-  own GPU), else the current CUDA device;
+  own GPU; ``cuda:0`` where each rank sees only its own, :func:`local_gpu`), else the current
+  CUDA device;
 * ``"cuda:N"``: GPU ``N``.
 
 Example:
@@ -22,16 +23,18 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import re
+from collections.abc import Iterator
 from multiprocessing.context import BaseContext
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["DEVICE_CHOICES", "DEVICE_HELP", "DeviceError", "resolve_device", "to_device", "process_context"]
+__all__ = ["DEVICE_CHOICES", "DEVICE_HELP", "DeviceError", "resolve_device", "local_gpu", "exact_float32", "to_device", "process_context"]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
 DEVICE_HELP = "auto (default: cuda when available, else cpu), cpu, cuda or cuda:N"
@@ -64,13 +67,62 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
                           f"{torch.cuda.device_count()} GPUs visible); expected one of auto, cpu")
     count = torch.cuda.device_count()
     if index is None:
-        local_rank = os.environ.get("LOCAL_RANK")
-        index = int(local_rank) if local_rank is not None else torch.cuda.current_device()
+        index = local_gpu(count)
     index = int(index)
     if index >= count:
         raise DeviceError(f"device {text!r} is GPU {index}, but {count} CUDA device(s) are visible; "
                           f"expected one of auto, cpu, cuda, {', '.join(f'cuda:{i}' for i in range(count))}")
     return torch.device("cuda", index)
+
+
+def local_gpu(count: int, environ: dict[str, str] | None = None) -> int:
+    """The GPU index of this process among ``count`` visible ones: ``$LOCAL_RANK`` under
+    torchrun (each rank its own GPU), 0 when the launcher shows each rank only its own GPU
+    (one visible, as SLURM's per-task ``CUDA_VISIBLE_DEVICES`` does), else the current device.
+
+    Example:
+        >>> local_gpu(4, {"LOCAL_RANK": "2"}), local_gpu(1, {"LOCAL_RANK": "3"})
+        (2, 0)
+    """
+    environ = os.environ if environ is None else environ
+    local_rank = environ.get("LOCAL_RANK")
+    if local_rank is None:
+        return torch.cuda.current_device()
+    if int(local_rank) < count:
+        return int(local_rank)
+    if count == 1:
+        return 0
+    raise DeviceError(f"LOCAL_RANK={local_rank}, but {count} CUDA devices are visible to this process; "
+                      f"give each rank its own GPU, or set CUDA_VISIBLE_DEVICES to at least LOCAL_RANK + 1 GPUs")
+
+
+@contextlib.contextmanager
+def exact_float32(device: str | torch.device) -> Iterator[None]:
+    """On a CUDA device, cuDNN's float32 RNNs and convolutions in IEEE float32 for the block,
+    then the settings as they were; nothing changes on other devices.
+
+    cuDNN's default for them is TF32 (10-bit mantissas) while PyTorch's float32 matrix
+    products stay IEEE, so an ``nn.RNN`` on a GPU would compute less exactly than the
+    same run's fused layers, the CPU run it is compared with, and ``bench``'s dense loop.
+
+    Example:
+        >>> with exact_float32("cuda"):
+        ...     inside = torch.backends.cudnn.rnn.fp32_precision
+        >>> inside
+        'ieee'
+    """
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    settings = (torch.backends.cudnn.rnn, torch.backends.cudnn.conv)
+    saved = [setting.fp32_precision for setting in settings]
+    for setting in settings:
+        setting.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for setting, value in zip(settings, saved):
+            setting.fp32_precision = value
 
 
 def to_device(tree: Any, device: str | torch.device) -> Any:

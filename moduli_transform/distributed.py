@@ -41,10 +41,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .device import local_gpu
+
 __all__ = [
     "backend_for", "init_distributed_from_env", "is_main_process", "get_rank", "get_world_size", "barrier",
     "cleanup_distributed", "unwrap_model", "shard_batch",
     "sync_handle", "all_reduce_embedding_grads", "check_in_sync",
+    "gather_rank_rng_states", "restore_rank_rng_states",
 ]
 
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -75,7 +78,8 @@ def init_distributed_from_env(backend: str | None = None, timeout_s: float = 600
     Args:
         backend: ``"gloo"`` or ``"nccl"``; default nccl when CUDA is available, else gloo
             (pass ``backend_for(device)`` to follow the training device instead).
-            With nccl the current CUDA device is set to ``LOCAL_RANK``.
+            With nccl the current CUDA device is set to :func:`~moduli_transform.device.local_gpu`
+            (``LOCAL_RANK``, or 0 where each rank sees only its own GPU).
         timeout_s: collective timeout.
 
     Returns:
@@ -93,7 +97,7 @@ def init_distributed_from_env(backend: str | None = None, timeout_s: float = 600
         raise RuntimeError("torch.distributed is not available in this PyTorch build; run without torchrun")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(local_gpu(torch.cuda.device_count()))
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
 
@@ -131,6 +135,44 @@ def cleanup_distributed() -> None:
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
+
+
+RANK_RNG_PREFIX = "rng/rank"
+
+
+def gather_rank_rng_states(prefix: str = RANK_RNG_PREFIX) -> dict[str, Tensor]:
+    """Every rank's own generator states, for a checkpoint that rank 0 writes.
+
+    Rank 0's process sees only its own generators: its state of GPU k was never used, since
+    rank k draws on its own process's. This gathers, from each rank ``r``, its CPU state as
+    ``{prefix}{r}/torch`` and, where CUDA is initialized, its current GPU's as
+    ``{prefix}{r}/cuda``; every rank receives all of them. A collective: every rank must
+    call it. Returns ``{}`` outside a group of more than one process.
+    """
+    if not _initialized() or dist.get_world_size() == 1:
+        return {}
+    own = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        own["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, own)
+    return {f"{prefix}{rank}/{name}": state.cpu() for rank, states in enumerate(gathered)
+            for name, state in states.items()}
+
+
+def restore_rank_rng_states(tensors: dict[str, Tensor], prefix: str = RANK_RNG_PREFIX) -> bool:
+    """Set this rank's generators from :func:`gather_rank_rng_states`'s tensors (after the
+    process-wide restore, which gave every rank rank 0's). False, and nothing set, where they
+    hold none for this rank: a checkpoint of one process, or of fewer ranks."""
+    rank = get_rank()
+    cpu = tensors.get(f"{prefix}{rank}/torch")
+    if cpu is None:
+        return False
+    torch.set_rng_state(cpu.cpu())
+    cuda = tensors.get(f"{prefix}{rank}/cuda")
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda.cpu(), torch.cuda.current_device())
+    return True
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -8,6 +8,7 @@ masks, the schedule position) and keeps it off the model, so the model's paramet
 from __future__ import annotations
 
 import copy
+import itertools
 import weakref
 from typing import Any, Callable
 
@@ -309,17 +310,34 @@ class ModuliHandle:
         if reinit == "rewind":
             self.model.load_state_dict(self._initial_state)
         else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.config.seed + 1)
-                # Children first, so a parent's own initialisation (as at construction) wins.
-                for module in reversed(list(self.model.modules())):
-                    if hasattr(module, "reset_parameters") and callable(module.reset_parameters):
-                        module.reset_parameters()
+            self._reinitialise()
         self.frozen = True
         self._embedding_optimizer = None
         for regularizer in self.regularizers.values():
             regularizer.set_trained(False)
         self.apply_masks()
+
+    def _reinitialise(self) -> None:
+        """Every module's ``reset_parameters``, children first (so a parent's own
+        initialisation wins, as at construction), from the CPU generator seeded with the
+        config's seed + 1, on the CPU: a model on one GPU is moved to the CPU for it and
+        back (the same Parameter objects), so a ticket is the same on every device. No
+        generator, CPU or CUDA, is left reseeded."""
+        devices = {t.device for t in itertools.chain(self.model.parameters(), self.model.buffers())}
+        cuda = sorted({d.index if d.index is not None else torch.cuda.current_device()
+                       for d in devices if d.type == "cuda"})
+        home = next(iter(devices)) if len(devices) == 1 and next(iter(devices)).type != "cpu" else None
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(self.config.seed + 1)
+            if home is not None:
+                self.model.to("cpu")
+            try:
+                for module in reversed(list(self.model.modules())):
+                    if hasattr(module, "reset_parameters") and callable(module.reset_parameters):
+                        module.reset_parameters()
+            finally:
+                if home is not None:
+                    self.model.to(home)
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -353,7 +371,8 @@ class ModuliHandle:
         for name, (rows, cols) in state.get("neuron_orders", {}).items():
             if name not in self.neuron_orders:
                 raise ValueError(f"neuron order for {name!r}, but this handle tiles {sorted(self.neuron_orders)}")
-            self.neuron_orders[name] = (rows.clone().long(), cols.clone().long())
+            # on the CPU, where fresh orders live, whatever device the state was loaded onto
+            self.neuron_orders[name] = (rows.to('cpu', torch.long, copy=True), cols.to('cpu', torch.long, copy=True))
         self.step_count = int(state["step_count"])
         if bool(state["frozen"]) and not self.frozen:
             self.frozen = True

@@ -176,7 +176,13 @@ class ModuliRegularizer(nn.Module):
 
     def _apply(self, *args, **kwargs):
         had_cache, self._cache = self._cache is not None, None
-        result = super()._apply(*args, **kwargs)
+        # Module._apply moves buffers with autograd on: a trained embedding (a buffer that
+        # requires grad) would come back as a non-leaf copy that no optimizer accepts. Moved
+        # without it, then marked again, it stays a leaf on the new device or dtype.
+        with torch.no_grad():
+            result = super()._apply(*args, **kwargs)
+        for points in self.embedding_tensors():
+            points.requires_grad_(self._trained)
         if had_cache:
             self.coefficients()  # recomputed on the new device
         return result

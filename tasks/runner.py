@@ -58,7 +58,7 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
 from moduli_transform.config import GRANULARITIES
-from moduli_transform.device import resolve_device, to_device
+from moduli_transform.device import exact_float32, resolve_device, to_device
 from moduli_transform.distributed import (backend_for, barrier, init_distributed_from_env, is_main_process,
                                           shard_batch, sync_handle)
 
@@ -415,8 +415,11 @@ class _Run:
 
     def restore(self) -> bool:
         """Load the newest checkpoint; False when there is none."""
-        # Onto this run's device, whichever device wrote the checkpoint.
-        loaded = load_checkpoint(self.checkpoints, map_location=self.device)
+        # Loaded on the CPU, whichever device wrote it: the model, the handle and the task copy
+        # their tensors onto this run's device, and the optimizers place their state by their
+        # parameters' devices, except Adam's step counts, which then stay on the CPU as in a
+        # fresh run (loaded onto a GPU, each step paid one GPU-to-CPU sync per parameter).
+        loaded = load_checkpoint(self.checkpoints)
         if loaded is None:
             return False
         tensors, state = loaded
@@ -629,7 +632,8 @@ def run(config: RunConfig, *, progress: bool | str = True, stop_after: int | Non
         if config.threads:
             torch.set_num_threads(config.threads)
         try:
-            return _run(config, progress, stop_after, resolved, prefetch)
+            with exact_float32(resolved):   # cuDNN's RNNs in IEEE float32 on a GPU, as on the CPU
+                return _run(config, progress, stop_after, resolved, prefetch)
         finally:
             torch.set_num_threads(threads)
 

@@ -288,6 +288,22 @@ def test_lottery_keeps_masks_and_freezes_embeddings(reinit):
         handle.lottery("shuffle")
 
 
+def test_random_lottery_is_seeded_and_leaves_the_global_generator_alone():
+    tickets = []
+    for draws in (0, 5):
+        torch.manual_seed(0)
+        model = TinyRNNRegressor()
+        handle = mt.attach(model, sparsity=0.7, total_steps=3, seed=4)
+        train(model, handle, 4)
+        torch.rand(draws)   # a different global RNG position before the lottery
+        state = torch.get_rng_state()
+        handle.lottery("random")
+        assert torch.equal(torch.get_rng_state(), state)
+        tickets.append(model.rnn.weight_hh_l0.detach().clone())
+    # the same ticket however the global generator stood: drawn from the config's seed + 1
+    assert torch.equal(tickets[0], tickets[1])
+
+
 def test_handle_state_dict_round_trip(tiny_rnn):
     handle = mt.attach(tiny_rnn, sparsity=0.6, total_steps=4, embedding="trained")
     train(tiny_rnn, handle, 3)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from moduli_transform.cli import main
-from moduli_transform.device import DeviceError, process_context, resolve_device, to_device
+from moduli_transform.device import DeviceError, exact_float32, local_gpu, process_context, resolve_device, to_device
 from moduli_transform.tasks.reproduce import plan, run_status
 from moduli_transform.tasks.runner import RunConfig, RunInterrupted, run
 
@@ -49,6 +49,26 @@ def test_cuda_without_cuda_is_refused(name):
 
 def test_device_error_is_a_value_error():
     assert issubclass(DeviceError, ValueError)
+
+
+def test_local_gpu_is_local_rank_or_the_one_visible_gpu():
+    assert local_gpu(4, {"LOCAL_RANK": "3"}) == 3
+    # a launcher that shows each rank only its own GPU (SLURM's per-task CUDA_VISIBLE_DEVICES)
+    assert local_gpu(1, {"LOCAL_RANK": "3"}) == 0
+    with pytest.raises(DeviceError, match="LOCAL_RANK=5, but 2 CUDA devices are visible"):
+        local_gpu(2, {"LOCAL_RANK": "5"})
+
+
+def test_exact_float32_sets_cudnn_to_ieee_on_cuda_only_and_restores():
+    rnn, conv = torch.backends.cudnn.rnn, torch.backends.cudnn.conv
+    before = (rnn.fp32_precision, conv.fp32_precision)
+    with exact_float32("cpu"):
+        assert (rnn.fp32_precision, conv.fp32_precision) == before
+    with pytest.raises(KeyError):
+        with exact_float32(torch.device("cuda", 0)):   # the flags exist without a GPU
+            assert (rnn.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+            raise KeyError("the block failed")
+    assert (rnn.fp32_precision, conv.fp32_precision) == before
 
 
 def test_to_device_moves_nested_tensors_and_keeps_other_leaves():

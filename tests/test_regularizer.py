@@ -141,3 +141,17 @@ def test_unknown_control_and_elementwise_target_are_refused():
         make(Target("w", (4, 4)), control="l3")
     with pytest.raises(ValueError, match="elementwise"):
         make(Target("u", (4,), kind="elementwise"))
+
+
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("move", ["meta", "double"])   # 'meta' stands in for CUDA
+def test_trained_embeddings_stay_optimizable_leaves_after_a_move(share, move):
+    reg = make(Target("w", (8, 8)), trained=True, share_embedding=share)
+    moved = reg.to("meta") if move == "meta" else reg.double()
+    for points in moved.embedding_tensors():
+        assert points.is_leaf and points.requires_grad
+        assert points.device.type == ("meta" if move == "meta" else "cpu")
+    torch.optim.Adam(moved.embedding_tensors(), lr=0.1)   # raised "can't optimize a non-leaf Tensor"
+    fixed = make(Target("w", (8, 8))).double()
+    assert not any(points.requires_grad for points in fixed.embedding_tensors())
+    assert fixed.coefficients().dtype == torch.float64

@@ -225,3 +225,25 @@ def test_take_columns_uses_torch_off_the_cpu():
     # goes through PyTorch's indexing instead of failing in .numpy()
     taken = _take_columns(source.to("meta"), index.to("meta"))
     assert taken.device.type == "meta" and taken.shape == (2, 2, 3)
+
+
+@pytest.mark.parametrize("cell", [nn.GRU, nn.LSTM, nn.RNN])
+def test_auto_times_every_cell_on_the_weights_device(cell):
+    # 'meta' stands in for CUDA: the GRU's timing sequence made its bias on the CPU
+    module = cell(3, 32).to("meta")
+    runtime = SparseRNN.from_module(module, kernel="auto", candidates=("dense",))
+    out, _ = runtime(torch.randn(4, 2, 3, device="meta"))
+    assert out.device.type == "meta" and out.shape == (4, 2, 32)
+    assert runtime.kernel(0, 2).name == "dense"
+
+
+def test_explicit_kernels_that_cannot_run_a_layer_say_why():
+    x = torch.randn(4, 2, 3)
+    with pytest.raises(RuntimeConfigError, match=r"kernel 'bsr' cannot run layer 0's \(20, 20\) recurrent "
+                       r"matrix with tile=16 .*kernels that can: dense, csr, or 'auto'"):
+        SparseRNN.from_module(nn.RNN(3, 20), kernel="bsr")(x)
+    with pytest.raises(RuntimeConfigError, match=r"'tiles' kernel needs both sides .* multiples of 16, got \(20, 20\)"):
+        SparseRNN.from_module(nn.RNN(3, 20), kernel="tiles")(x)
+    for name in ("tiles", "tiles16"):
+        with pytest.raises(RuntimeConfigError, match=f"the '{name}' kernel runs on the CPU only .* on meta"):
+            SparseRNN.from_module(nn.LSTM(3, 32).to("meta"), kernel=name)(torch.randn(4, 2, 3, device="meta"))
