@@ -59,7 +59,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from moduli_transform.config import GRANULARITIES
 from moduli_transform.device import exact_float32, resolve_device, to_device
-from moduli_transform.distributed import (backend_for, barrier, init_distributed_from_env, is_main_process,
+from moduli_transform.distributed import (backend_for, barrier, gather_rank_rng_states, init_distributed_from_env,
+                                          is_main_process, restore_rank_rng_states,
                                           shard_batch, sync_handle)
 
 from . import LOTTERY_EMBEDDINGS, TASKS, Preset, Task, get_task
@@ -410,6 +411,7 @@ class _Run:
         tensors, state = capture_training_state(self.progress.step, self.model, self.optimizer, self.handle,
                                                 {"data": self.generator}, extra)
         tensors.update(task_tensors)
+        tensors.update(gather_rank_rng_states())   # collective: each rank's own generators (DDP)
         if is_main_process():
             save_checkpoint(self.checkpoints, tensors, state)
 
@@ -429,6 +431,7 @@ class _Run:
             raise RunConfigError(f"cannot resume {self.out}: the checkpoint was made with other settings "
                                  f"({', '.join(changed)}); use another --out or the same options")
         restore_training_state(tensors, state, self.model, self.optimizer, self.handle, {"data": self.generator})
+        restore_rank_rng_states(tensors)   # under DDP each rank's own, not rank 0's
         self.task.load_state_dict(unflatten_state(state["extra"]["task"], tensors))
         self.progress = _Progress(**state["extra"]["progress"])
         return True

@@ -14,8 +14,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from moduli_transform.distributed import (
-    all_reduce_embedding_grads, check_in_sync, cleanup_distributed, get_world_size, init_distributed_from_env, is_main_process,
-    shard_batch, sync_handle, unwrap_model,
+    all_reduce_embedding_grads, check_in_sync, cleanup_distributed, gather_rank_rng_states, get_world_size,
+    init_distributed_from_env, is_main_process, restore_rank_rng_states, shard_batch, sync_handle, unwrap_model,
 )
 
 try:
@@ -104,6 +104,15 @@ def worker(rank: int, world_size: int, port: int, out: str) -> None:
         regularizer.row_embedding.grad = torch.full_like(regularizer.row_embedding, float(rank))
     handle.step()
     report["grad_average/in_sync_at_end"] = check_in_sync(handle)
+    # Each rank's own generator back after a checkpoint's round trip, not rank 0's
+    torch.manual_seed(1000 + rank)
+    torch.rand(5 + rank)
+    own = torch.get_rng_state()
+    saved = gather_rank_rng_states()
+    torch.rand(50)
+    report["rng/keys"] = sorted(saved)
+    report["rng/ranks_differ"] = not torch.equal(saved["rng/rank0/torch"], saved["rng/rank1/torch"])
+    report["rng/restored"] = restore_rank_rng_states(saved) and torch.equal(torch.get_rng_state(), own)
     with open(os.path.join(out, f"report-rank{rank}.json"), "w") as file:
         json.dump(report, file)
     cleanup_distributed()
@@ -158,6 +167,22 @@ def test_rank_report(ddp_run):
 
 
 # -- single process: everything is a no-op --------------------------------------------------
+@needs_core
+@needs_gloo
+def test_each_rank_gets_its_own_generator_back(ddp_run):
+    for rank in range(WORLD_SIZE):
+        report = json.loads((ddp_run / f"report-rank{rank}.json").read_text())
+        assert report["rng/keys"] == [f"rng/rank{r}/torch" for r in range(WORLD_SIZE)]  # no CUDA here
+        assert report["rng/ranks_differ"] and report["rng/restored"]
+
+
+def test_rank_generators_outside_a_group_are_a_no_op():
+    state = torch.get_rng_state()
+    assert gather_rank_rng_states() == {}
+    assert restore_rank_rng_states({}) is False
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_not_distributed_is_a_no_op(monkeypatch):
     for variable in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(variable, raising=False)
