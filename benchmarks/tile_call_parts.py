@@ -5,8 +5,11 @@ Times, in interleaved rounds, for an Elman layer of ``--hidden`` units pruned to
 ``--sparsity`` in 16 x 16 tiles (``bench``'s "tiled" pattern), one sequence of ``--steps``:
 
 * ``whole call``: ``SparseRNN(...)(x)``, as ``bench`` times it;
-* ``projection + kernel + gather``: the three parts run back to back, outside the runtime;
-* ``projection + kernel``: without the gather back to the module's unit order;
+* ``projection + kernel ordering its outputs``: what the call runs, outside the runtime: the
+  kernel writes each step's state in the module's unit order (``run_layer(..., inverse)``);
+* ``projection + kernel + gather after``: the kernel's outputs in the tiles' order, then one
+  gather of the whole sequence (the runtime's way before);
+* ``projection + kernel``: without any reordering;
 * ``input projection alone``: ``torch.addmm`` of the sequence's inputs, fresh output;
 * ``tile kernel alone``: the fused sequence on a projection made once;
 * ``byte floor``: reading the bytes of one step (``nbytes_per_step``) with ``Tensor.sum``,
@@ -57,7 +60,9 @@ def parts(hidden: int, sparsity: float, steps: int, threads: int) -> dict[str, C
     step_bytes = torch.ones(runtime.nbytes_per_step(1) // 4)
     return {
         "whole call": lambda: runtime(inputs),
-        "projection + kernel + gather":
+        "projection + kernel ordering its outputs":
+            lambda: kernel.run_layer("RNN_TANH", project(), h0, inverse=inverse)[0],
+        "projection + kernel + gather after":
             lambda: _take_columns(kernel.run_layer("RNN_TANH", project(), h0)[0], inverse),
         "projection + kernel": lambda: kernel.run_layer("RNN_TANH", project(), h0),
         "input projection alone": project,

@@ -302,29 +302,33 @@ class TileKernel(RecurrentKernel):
         return out.t()
 
     def run_layer(self, mode: str, projected: Tensor, h: Tensor, c: Tensor | None = None,
-                  recurrent_bias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                  recurrent_bias: Tensor | None = None, inverse: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor | None]:
         """Every step of one layer, batch-major: ``projected`` (T, batch, gates * H) ->
         outputs (T, batch, H), from ``h`` (batch, H).
 
         ``mode`` is RNN_TANH, RNN_RELU, LSTM (``c`` the initial cell state, (batch, H)) or
         GRU (``recurrent_bias`` the ``(3H,)`` or ``(3H, 1)`` bias of which ``b_hn`` is used).
-        Returns ``(outputs, final c)`` (``c`` is None except for an LSTM). Runs with the
-        thread count numba has now (:func:`thread_pools` sets it).
+        ``inverse`` (H,): the outputs in that unit order, ``outputs[..., j] = h_t[..., inverse[j]]``,
+        gathered step by step inside the kernel. Returns ``(outputs, final c)`` (``c``, in
+        stored order, is None except for an LSTM). Runs with the thread count numba has now
+        (:func:`thread_pools` sets it).
         """
         projected = projected.contiguous()
         h = h.contiguous()
         steps, batch, hidden = projected.shape[0], h.shape[0], h.shape[1]
         outputs = torch.empty(steps, batch, hidden)
         args = (self.ptr, self.cols, self.tiles_t, projected.numpy())
+        order = {"inverse": None if inverse is None else inverse.numpy()}
         if mode == "LSTM":
             c = c.clone().contiguous()
-            numba_kernels.bsr_lstm(*args, h.numpy(), c.numpy(), outputs.numpy())
+            numba_kernels.bsr_lstm(*args, h.numpy(), c.numpy(), outputs.numpy(), **order)
             return outputs, c
         if mode == "GRU":
             bias_n = recurrent_bias.reshape(-1)[2 * hidden:].contiguous().float()
-            numba_kernels.bsr_gru(*args, bias_n.numpy(), h.numpy(), outputs.numpy())
+            numba_kernels.bsr_gru(*args, bias_n.numpy(), h.numpy(), outputs.numpy(), **order)
             return outputs, None
-        numba_kernels.bsr_elman(*args, h.numpy(), outputs.numpy(), _FUSED_ELMAN[mode])
+        numba_kernels.bsr_elman(*args, h.numpy(), outputs.numpy(), _FUSED_ELMAN[mode], **order)
         return outputs, None
 
     def nbytes(self, batch: int) -> int:
@@ -659,11 +663,15 @@ class SparseRNN:
             state = _take_columns(state, self._inverse[index])   # torch's indexing: 55 us at H=4096
         return state
 
-    def _run_layer(self, index: int, inputs: Tensor, h: Tensor, c: Tensor | None):
+    def _run_layer(self, index: int, inputs: Tensor, h: Tensor, c: Tensor | None, ordered: bool = False):
+        """One layer's outputs (T, batch, H) and final ``h``, ``c`` as (H, batch) columns, in
+        stored order; with ``ordered`` (the last layer) a fused kernel returns all three in the
+        module's order instead, and the fourth value says whether it did."""
         layer = self.layers[index]
         steps, batch = inputs.shape[0], inputs.shape[1]
         kernel, step = self.kernel(index, batch), _STEPS[layer.mode]
         fused = steps > 0 and hasattr(kernel, "run_layer")
+        inverse = self._inverse[index] if ordered and fused else None
         # The input projection runs on the call's threads, fused layer or not: numba's
         # OpenMP regions reach PyTorch's libgomp (PyTorch is always imported first), so
         # the same workers run both and none spins against another (H=4096, 98%, two
@@ -673,14 +681,16 @@ class SparseRNN:
         rec_bias = self._recurrent_bias[index]
         if fused:   # batch-major all the way: (T, batch, rows) in, (T, batch, H) out
             outputs, c = kernel.run_layer(layer.mode, projected, h.t(), None if c is None else c.t(),
-                                          rec_bias)
-            return outputs, outputs[-1].t(), None if c is None else c.t()
+                                          rec_bias, inverse)
+            if c is not None and inverse is not None:
+                c = _take_columns(c, inverse)
+            return outputs, outputs[-1].t(), None if c is None else c.t(), inverse is not None
         projected = projected.transpose(1, 2).contiguous()
         outputs = torch.empty(steps, layer.hidden_size, batch, device=projected.device)
         for t in range(steps):
             h, c = step(kernel, projected[t], rec_bias, h, c)
             outputs[t] = h
-        return outputs.transpose(1, 2), h, c
+        return outputs.transpose(1, 2), h, c, False
 
     @torch.no_grad()
     def __call__(self, inputs: Tensor, state: Tensor | tuple[Tensor, Tensor] | None = None):
@@ -707,16 +717,21 @@ class SparseRNN:
         batch = inputs.shape[1]
         finals_h, finals_c = [], []
         layer_input = inputs
+        ordered = False
+        last = len(self.layers) - 1
         for index in range(len(self.layers)):
             h = self._initial(h0, index, batch)
             c = self._initial(c0, index, batch) if is_lstm else None
-            layer_input, h, c = self._run_layer(index, layer_input, h, c)
-            # the next layer reads this one in stored order: its W_ih columns were permuted
-            finals_h.append(self._final(h, index))
+            # the next layer reads this one in stored order (its W_ih columns were permuted);
+            # the last layer's outputs go back to the module's order, inside a fused kernel
+            # step by step, else gathered after
+            layer_input, h, c, ordered = self._run_layer(
+                index, layer_input, h, c, ordered=index == last and self.perms[index] is not None)
+            finals_h.append(h.t() if ordered else self._final(h, index))
             if is_lstm:
-                finals_c.append(self._final(c, index))
+                finals_c.append(c.t() if ordered else self._final(c, index))
         output = layer_input
-        if self.perms[-1] is not None:
+        if self.perms[-1] is not None and not ordered:
             output = _take_columns(output, self._inverse[-1])
         output = output.contiguous()
         h_n = torch.stack(finals_h) if _uniform(finals_h) else finals_h

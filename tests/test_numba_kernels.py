@@ -114,6 +114,37 @@ def test_fused_layers_in_geometric_order_with_permutations(cell):
     assert _max_error(actual_out[..., perms[-1]], expected_out) <= ATOL
 
 
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU, nn.RNN])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_permuted_layers_return_outputs_and_states_in_the_modules_order(cell, batch, threads):
+    # the tile kernel gathers the last layer's states into the module's order step by step;
+    # the step-loop csr kernel gathers after the sequence: the same outputs, h_n and c_n
+    torch.manual_seed(4)
+    module = cell(4, 64, num_layers=2)
+    pruned, perms = tile_prune_rnn(module, 0.5, torch.rand(64, 2) * 10.0)
+    x = torch.randn(5, batch, 4)
+    h0 = torch.randn(2, batch, 64)
+    state = (h0, torch.randn(2, batch, 64)) if cell is nn.LSTM else h0
+    tiles = SparseRNN.from_module(pruned, kernel="tiles", perms=perms, threads=threads)(x, state)
+    csr = SparseRNN.from_module(pruned, kernel="csr", perms=perms, threads=threads)(x, state)
+    assert _max_error(tiles[0], csr[0]) <= ATOL
+    assert _max_error(tiles[1], csr[1]) <= ATOL
+    assert tiles[0].is_contiguous() and tiles[0].shape == (5, batch, 64)
+
+
+def test_fused_sequences_refuse_an_output_order_of_the_wrong_size():
+    kernel = TileKernel(torch.zeros(32, 32))
+    projected, h0 = np.zeros((2, 1, 32), np.float32), np.zeros((1, 32), np.float32)
+    outputs = np.empty_like(projected)
+    with pytest.raises(ValueError, match=r"inverse must hold 32 unit indices in 0..31, got shape \(16,\)"):
+        numba_kernels.bsr_elman(kernel.ptr, kernel.cols, kernel.tiles_t, projected, h0, outputs, "tanh",
+                                inverse=np.arange(16))
+    with pytest.raises(ValueError, match="values 0..32"):
+        numba_kernels.bsr_elman(kernel.ptr, kernel.cols, kernel.tiles_t, projected, h0, outputs, "tanh",
+                                inverse=np.arange(32) + (np.arange(32) == 31))
+
+
 def test_batch_sixteen_and_an_empty_matrix():
     module = _tile_pruned(nn.LSTM, 1, True, hidden=32, sparsity=1.0)
     x = torch.randn(4, 16, 5)

@@ -26,10 +26,11 @@ def test_the_parts_in_sequence_give_the_whole_calls_output():
     torch.manual_seed(0)
     calls = _script().parts(hidden=256, sparsity=0.9, steps=5, threads=1)
     output, h_n = calls["whole call"]()
-    with thread_pools(1):   # as the runtime's call runs its projection
-        by_parts = calls["projection + kernel + gather"]()
-    assert output.shape == (5, 1, 256) and by_parts.shape == (5, 1, 256)
-    torch.testing.assert_close(by_parts, output, rtol=0, atol=0)
+    for name in ("projection + kernel ordering its outputs", "projection + kernel + gather after"):
+        with thread_pools(1):   # as the runtime's call runs its projection
+            by_parts = calls[name]()
+        assert output.shape == (5, 1, 256) and by_parts.shape == (5, 1, 256)
+        torch.testing.assert_close(by_parts, output, rtol=0, atol=0, msg=name)
     with thread_pools(1):
         kernel_outputs, _ = calls["tile kernel alone"]()
     # the kernel alone works in the tiles' unit order: the same values, permuted (its
@@ -37,7 +38,8 @@ def test_the_parts_in_sequence_give_the_whole_calls_output():
     torch.testing.assert_close(kernel_outputs[:, 0].sort(dim=1).values, output[:, 0].sort(dim=1).values,
                                rtol=0, atol=1e-6)
     assert not torch.equal(kernel_outputs, output)   # ... and not in the module's order
-    assert set(calls) == {"whole call", "projection + kernel + gather", "projection + kernel",
+    assert set(calls) == {"whole call", "projection + kernel ordering its outputs",
+                          "projection + kernel + gather after", "projection + kernel",
                           "input projection alone", "tile kernel alone", "byte floor"}
 
 
