@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 from . import get_task
 from .reproduce import DENSE, GRID
+from .table import devices_note
 
 __all__ = ["collect", "cell", "ordering", "task_section", "render", "write_report", "PUBLISHED",
            "PublishedTable", "published_section", "one_per_seed",
@@ -390,6 +391,9 @@ def task_section(task: str, records: Sequence[dict]) -> str:
             times = [r["wall_time_s"] for r in pool if r.get("wall_time_s")]
             if times:
                 lines += ["", f"{len(pool)} runs, {statistics.mean(times) / 60:.1f} min per run on one thread."]
+            mixed = devices_note(pool)
+            if mixed:
+                lines += ["", mixed]
             statements = _statements(pool, task, key, higher, dense_records)
             if statements:
                 lines += ["", "Ordering (best first):", "", *statements]

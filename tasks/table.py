@@ -207,13 +207,35 @@ def format_markdown(rows: Sequence[dict[str, Any]], metric_name: str, threshold:
     return "\n".join(lines)
 
 
+def devices_note(results: Sequence[Any]) -> str:
+    """A line naming the devices that finished the runs, when there are several (the device is
+    not part of a run's identity, so a table may mix them); empty otherwise.
+
+    Example:
+        >>> devices_note([{"device": "cpu"}, {"device": "cuda:0"}, {"device": "cpu"}, "failed"])
+        'Runs finished on several devices: cpu (2), cuda:0 (1); their numbers differ by floating-point rounding, which training amplifies.'
+    """
+    counts: dict[str, int] = {}
+    for result in results:
+        if isinstance(result, dict):
+            device = str(result.get("device", "cpu"))   # summaries from before the device was recorded: cpu
+            counts[device] = counts.get(device, 0) + 1
+    if len(counts) < 2:
+        return ""
+    listed = ", ".join(f"{device} ({count})" for device, count in sorted(counts.items()))
+    return (f"Runs finished on several devices: {listed}; their numbers differ by floating-point "
+            "rounding, which training amplifies.")
+
+
 def write_tables(rows: Sequence[dict[str, Any]], out: str | Path, name: str, metric_name: str,
-                 threshold: float | None = None, higher_is_better: bool = False) -> tuple[Path, Path]:
-    """``<out>/<name>.md`` and ``<out>/<name>.csv`` (one line per seed value)."""
+                 threshold: float | None = None, higher_is_better: bool = False,
+                 note: str = "") -> tuple[Path, Path]:
+    """``<out>/<name>.md`` (``note`` under the table) and ``<out>/<name>.csv`` (one line per seed value)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     markdown = out / f"{name}.md"
-    markdown.write_text(format_markdown(rows, metric_name, threshold, higher_is_better) + "\n")
+    text = format_markdown(rows, metric_name, threshold, higher_is_better) + "\n"
+    markdown.write_text(text + (f"\n{note}\n" if note else ""))
     table = out / f"{name}.csv"
     with table.open("w", newline="") as file:
         writer = csv.writer(file)
@@ -265,7 +287,8 @@ def run_table(args: argparse.Namespace) -> int:
     metric_name = task.metric_name
     name = f"{args.task}-{args.grid}"
     rows = aggregate(plans, results)
-    markdown, table = write_tables(rows, args.out, name, metric_name, task.learned_threshold, task.higher_is_better)
+    markdown, table = write_tables(rows, args.out, name, metric_name, task.learned_threshold, task.higher_is_better,
+                                   note=devices_note(results))
     print("\n" + markdown.read_text())
     figures = _figures(rows, plans, results, Path(args.out), name, metric_name)
     print(f"written: {markdown}, {table}" + "".join(f", {p}" for p in figures))

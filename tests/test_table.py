@@ -118,3 +118,17 @@ def test_persistence_of_a_circle_and_two_clusters():
     h0, _ = persistence_diagram(torch.cdist(clusters, clusters))
     deaths = sorted(h0[:, 1])
     assert math.isinf(deaths[-1]) and deaths[-2] == pytest.approx(float(torch.cdist(clusters[4:5], clusters[5:6])), rel=1e-4)
+
+
+def test_a_table_says_when_its_runs_finished_on_several_devices(tmp_path):
+    from moduli_transform.tasks.table import devices_note, write_tables
+
+    assert devices_note([{"device": "cpu"}, {"device": "cpu"}, "failed"]) == ""
+    assert devices_note([{}]) == ""   # summaries written before the device was recorded: the CPU
+    note = devices_note([{"device": "cuda:0"}, {}, {"device": "cpu"}])
+    assert note.startswith("Runs finished on several devices: cpu (2), cuda:0 (1);")
+    rows = [{"variant": "moduli", "sparsity": 0.0, "kind": "dense", "values": [0.5], "mean": 0.5, "std": 0.0}]
+    markdown, _ = write_tables(rows, tmp_path, "t", "RMSE", note=note)
+    assert markdown.read_text().rstrip().endswith(note)
+    plain, _ = write_tables(rows, tmp_path / "plain", "t", "RMSE")
+    assert "devices" not in plain.read_text()
