@@ -208,6 +208,28 @@ def test_a_run_trains_on_cuda_and_resumes_on_the_cpu_and_back(tmp_path, task):
 
 
 @needs_cuda
+def test_a_lottery_ticket_and_trained_embeddings_are_the_same_on_cuda_as_on_the_cpu():
+    import moduli_transform as mt
+    from torch import nn
+
+    tickets, embeddings = {}, {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model = nn.RNN(3, 32).to(device)
+        handle = mt.attach(model, sparsity=0.5, total_steps=2, embedding="trained", seed=2)
+        for points in handle.regularizers["weight_hh_l0"].embedding_tensors():
+            assert points.is_leaf and points.requires_grad and points.device.type == device
+        embeddings[device] = handle.regularizers["weight_hh_l0"].row_embedding.detach().cpu()
+        cuda_state = torch.cuda.get_rng_state()
+        handle.lottery("random")
+        assert torch.equal(torch.cuda.get_rng_state(), cuda_state)   # no generator left reseeded
+        assert model.weight_hh_l0.device.type == device
+        tickets[device] = model.weight_hh_l0.detach().cpu()
+    assert torch.equal(tickets["cpu"], tickets["cuda"])
+    assert torch.equal(embeddings["cpu"], embeddings["cuda"])
+
+
+@needs_cuda
 def test_sparse_runtime_on_cuda_equals_the_module():
     from moduli_transform.export.sparse_runtime import SparseRNN
 
