@@ -60,6 +60,10 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     if match is None or (match.group(2) is not None and match.group(1) != "cuda"):
         raise DeviceError(f"unknown device {text!r}; {_expected()}")
     kind, index = match.group(1), match.group(2)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if index is not None and world > 1:
+        raise DeviceError(f"device {text!r} under torchrun ({world} ranks) would put every rank on GPU {index}; "
+                          f"expected cuda (each rank then takes cuda:$LOCAL_RANK), auto or cpu")
     if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():

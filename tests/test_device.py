@@ -51,6 +51,16 @@ def test_device_error_is_a_value_error():
     assert issubclass(DeviceError, ValueError)
 
 
+def test_an_indexed_gpu_under_torchrun_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DeviceError, match=r"'cuda:1' under torchrun \(2 ranks\) would put every rank on GPU 1"):
+        resolve_device("cuda:1")
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(DeviceError, match="not available" if not torch.cuda.is_available() else "GPU"):
+        resolve_device("cuda:99")
+
+
 def test_local_gpu_is_local_rank_or_the_one_visible_gpu():
     assert local_gpu(4, {"LOCAL_RANK": "3"}) == 3
     # a launcher that shows each rank only its own GPU (SLURM's per-task CUDA_VISIBLE_DEVICES)
