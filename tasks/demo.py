@@ -31,7 +31,7 @@ from .navigation import CHANCE_LEVEL_CM
 from .ray_backend import split_finished
 from .run_folder import RunFolderError, claim_run_folder, continue_or_refuse
 from .runner import EMBEDDINGS_FILE, WEIGHTS_FILE, RunConfig, run
-from .workers import start_worker
+from .workers import pool_options
 
 __all__ = ["register", "run_demo", "demo_table", "time_dense_vs_sparse", "CONTROLS", "TIMING_HIDDEN"]
 
@@ -88,7 +88,7 @@ def _claim(plans: list[RunConfig], fresh: bool) -> tuple[dict[int, dict[str, Any
 
 
 def _train_all(plans: list[RunConfig], finished: dict[int, dict[str, Any]], todo: list[RunConfig],
-               jobs: int, device: torch.device) -> list[dict[str, Any]]:
+               jobs: int, device: torch.device, asked: str | None = None) -> list[dict[str, Any]]:
     """Train ``todo`` (``jobs`` at a time), a line per finished run; the summaries in plan order."""
     summaries = {plans[index].out: summary for index, summary in finished.items()}
     if finished:
@@ -97,9 +97,10 @@ def _train_all(plans: list[RunConfig], finished: dict[int, dict[str, Any]], todo
         print(f"training {len(todo)} runs ({jobs} at a time, device {device}): "
               f"{', '.join(c.regularizer for c in todo)}", flush=True)
         # Each run logs its own steps, time and eta (progress_bar in "log" mode, on stderr).
-        with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=process_context(device),
-                                 initializer=start_worker) as pool:
-            futures = {pool.submit(_train, config, str(device)): config for config in todo}
+        context = process_context(device)
+        options, run_device = pool_options(asked or str(device), device, max(1, jobs), context)
+        with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=context, **options) as pool:
+            futures = {pool.submit(_train, config, run_device): config for config in todo}
             for done, future in enumerate(as_completed(futures), 1):
                 config, summary = futures[future], future.result()
                 print(f"  run {done}/{len(todo)}: {config.regularizer} finished in {summary['wall_time_s']:.0f} s, "
@@ -290,7 +291,7 @@ def run_demo(args: argparse.Namespace) -> int:
     except (RunFolderError, DeviceError) as error:
         print(f"moduli-transform demo: error: {error}", file=sys.stderr)
         return 2
-    summaries = _train_all(plans, finished, todo, args.jobs, device)
+    summaries = _train_all(plans, finished, todo, args.jobs, device, args.device)
     out.mkdir(parents=True, exist_ok=True)
     print("\nmeasuring the locality of the kept recurrent weights", flush=True)
     localities = _localities(plans)

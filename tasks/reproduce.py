@@ -37,7 +37,7 @@ from moduli_transform.device import DEVICE_HELP, process_context, resolve_device
 from . import TASKS, get_task
 from .ray_backend import read_summary, same_recorded_run
 from .runner import RunConfig, run
-from .workers import start_worker
+from .workers import pool_options
 
 __all__ = ["GRID", "STAGES", "Stage", "plan", "run_status", "execute", "register", "DEFAULT_SEEDS"]
 
@@ -164,7 +164,7 @@ def execute(configs: Sequence[RunConfig], jobs: int = 1, on_result: Any = None,
     The device is not part of a run's identity: a partial run resumes on any device and a
     finished one is reused whichever device made it.
     """
-    device = str(resolve_device(device))
+    asked, device = device, str(resolve_device(device))
     results: dict[str, Any] = {}
     todo = []
     for config in configs:
@@ -195,10 +195,11 @@ def execute(configs: Sequence[RunConfig], jobs: int = 1, on_result: Any = None,
                 outcome = repr(error)
             record(config, outcome, started)
         return results
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=process_context(device),
-                             initializer=start_worker) as pool:
+    context = process_context(device)
+    options, run_device = pool_options(asked, resolve_device(device), jobs, context)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, **options) as pool:
         started = time.time()
-        futures = {pool.submit(_run_one, config, device): config for config in todo}
+        futures = {pool.submit(_run_one, config, run_device): config for config in todo}
         for future in as_completed(futures):
             try:
                 outcome = future.result()

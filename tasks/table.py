@@ -39,7 +39,7 @@ from .progress import progress_bar
 from .ray_backend import RunFailure, execute_ray, split_finished
 from .run_folder import continue_or_refuse
 from .runner import RunConfig, run
-from .workers import start_worker
+from .workers import pool_options
 
 __all__ = ["GRIDS", "PAPER_SPARSITIES", "plan_runs", "claim_runs", "execute", "aggregate", "format_markdown",
            "write_tables", "run_table"]
@@ -135,10 +135,11 @@ def execute(configs: Sequence[RunConfig], backend: str = "local", jobs: int = 1,
     configs = claim_runs(configs)
     finished, pending = split_finished(configs)
     results: list[Any] = [finished.get(i) for i in range(len(configs))]
-    with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=process_context(resolved),
-                             initializer=start_worker) as pool, \
+    context = process_context(resolved)
+    options, run_device = pool_options(device, resolved, max(1, jobs), context)
+    with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=context, **options) as pool, \
             progress_bar(len(pending), desc="runs", unit="run", mode="auto" if pending else "off") as bar:
-        futures = {pool.submit(_run_quietly, configs[index], str(resolved)): index for index in pending}
+        futures = {pool.submit(_run_quietly, configs[index], run_device): index for index in pending}
         for future in as_completed(futures):
             index = futures[future]
             try:

@@ -14,10 +14,11 @@ import multiprocessing
 import os
 import signal
 import sys
+from typing import Any
 
 from moduli_transform.allocator import reuse_large_blocks
 
-__all__ = ["die_with_parent", "start_worker"]
+__all__ = ["die_with_parent", "start_worker", "spread_over_gpus", "pool_options"]
 
 _PR_SET_PDEATHSIG = 1   # prctl(2)
 
@@ -45,9 +46,47 @@ def die_with_parent(sig: int = signal.SIGTERM, parent_pid: int | None = None) ->
     return True
 
 
-def start_worker() -> None:
+def start_worker(gpu_slots: Any = None) -> None:
     """Pool ``initializer``: the allocator setting, and end with the driver (the driver's
-    pid from ``multiprocessing``, so a driver that ended while this worker started counts)."""
+    pid from ``multiprocessing``, so a driver that ended while this worker started counts).
+
+    ``gpu_slots`` (a queue of GPU indices, :func:`pool_options`): this worker takes one and
+    makes it its current CUDA device, so its runs' ``"cuda"`` resolves to it."""
     reuse_large_blocks()
     driver = multiprocessing.parent_process()
     die_with_parent(parent_pid=None if driver is None else driver.pid)
+    if gpu_slots is not None:
+        import torch
+
+        torch.cuda.set_device(gpu_slots.get(timeout=120))
+
+
+def spread_over_gpus(device_name: str, jobs: int, gpus: int) -> list[int]:
+    """The GPU of each of a pool's ``jobs`` workers, in turn over the ``gpus`` visible, when
+    ``device_name`` asks for CUDA without naming a GPU (``cuda``, or ``auto`` on a GPU machine)
+    and there are several workers and GPUs; else ``[]`` (every worker on the device asked for).
+
+    Example:
+        >>> spread_over_gpus("cuda", 3, 2), spread_over_gpus("cuda:1", 3, 2), spread_over_gpus("auto", 1, 4)
+        ([0, 1, 0], [], [])
+    """
+    if device_name.strip() not in ("cuda", "auto") or jobs < 2 or gpus < 2:
+        return []
+    return [worker % gpus for worker in range(jobs)]
+
+
+def pool_options(device_name: str, resolved: Any, jobs: int, context: Any) -> tuple[dict[str, Any], str]:
+    """``ProcessPoolExecutor`` keyword arguments for a pool of ``jobs`` training workers, and
+    the device each run is to name: the workers spread over the visible GPUs
+    (:func:`spread_over_gpus`, each run then naming ``"cuda"``, its worker's GPU), or all on
+    ``resolved``. Before, every worker of ``table --jobs 4 --device cuda`` trained on GPU 0."""
+    import torch
+
+    gpus = torch.cuda.device_count() if getattr(resolved, "type", str(resolved)) == "cuda" else 0
+    slots = spread_over_gpus(str(device_name), jobs, gpus)
+    if not slots:
+        return {"initializer": start_worker}, str(resolved)
+    queue = context.Queue()
+    for index in slots:
+        queue.put(index)
+    return {"initializer": start_worker, "initargs": (queue,)}, "cuda"

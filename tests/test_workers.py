@@ -74,3 +74,39 @@ def test_a_worker_whose_driver_already_ended_ends_at_once():
                            "die_with_parent\ndie_with_parent(parent_pid=os.getppid() + 1_000_000)\n"
                            "print('trained on')"], capture_output=True, text=True, timeout=60)
     assert done.returncode == -signal.SIGTERM and "trained on" not in done.stdout
+
+
+def test_runs_spread_over_the_gpus_only_when_no_gpu_is_named():
+    from moduli_transform.tasks.workers import spread_over_gpus
+
+    assert spread_over_gpus("cuda", 4, 2) == [0, 1, 0, 1]
+    assert spread_over_gpus("auto", 3, 4) == [0, 1, 2]
+    assert spread_over_gpus("cuda:1", 4, 2) == []   # a named GPU is where every run goes
+    assert spread_over_gpus("cuda", 1, 4) == [] and spread_over_gpus("cuda", 4, 1) == []
+    assert spread_over_gpus("cpu", 4, 2) == []
+
+
+def test_pool_options_hand_each_worker_its_gpu(monkeypatch):
+    import multiprocessing
+
+    import torch
+
+    from moduli_transform.tasks import workers
+
+    context = multiprocessing.get_context("spawn")
+    options, run_device = workers.pool_options("cpu", torch.device("cpu"), 4, context)
+    assert options == {"initializer": workers.start_worker} and run_device == "cpu"
+    # two GPUs "visible": a queue of slots, one per worker, and every run names plain "cuda"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    options, run_device = workers.pool_options("cuda", torch.device("cuda", 0), 3, context)
+    assert run_device == "cuda" and options["initializer"] is workers.start_worker
+    (queue,) = options["initargs"]
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(workers, "reuse_large_blocks", lambda: None)
+    monkeypatch.setattr(workers, "die_with_parent", lambda **_: True)
+    for _ in range(3):
+        workers.start_worker(queue)
+    assert chosen == [0, 1, 0]
+    options, run_device = workers.pool_options("cuda:1", torch.device("cuda", 1), 3, context)
+    assert "initargs" not in options and run_device == "cuda:1"
