@@ -214,12 +214,16 @@ def devices_note(results: Sequence[Any]) -> str:
 
     Example:
         >>> devices_note([{"device": "cpu"}, {"device": "cuda:0"}, {"device": "cpu"}, "failed"])
-        'Runs finished on several devices: cpu (2), cuda:0 (1); their numbers differ by floating-point rounding, which training amplifies.'
+        'Runs finished on several devices: cpu (2), cuda (1); their numbers differ by floating-point rounding, which training amplifies.'
+        >>> devices_note([{"device": "cuda:0"}, {"device": "cuda:1"}])
+        ''
     """
     counts: dict[str, int] = {}
     for result in results:
         if isinstance(result, dict):
-            device = str(result.get("device", "cpu"))   # summaries from before the device was recorded: cpu
+            # by kind (several GPUs of one machine are one kind); summaries from before the
+            # device was recorded: the CPU
+            device = str(result.get("device", "cpu")).split(":")[0]
             counts[device] = counts.get(device, 0) + 1
     if len(counts) < 2:
         return ""

@@ -126,7 +126,8 @@ def test_a_table_says_when_its_runs_finished_on_several_devices(tmp_path):
     assert devices_note([{"device": "cpu"}, {"device": "cpu"}, "failed"]) == ""
     assert devices_note([{}]) == ""   # summaries written before the device was recorded: the CPU
     note = devices_note([{"device": "cuda:0"}, {}, {"device": "cpu"}])
-    assert note.startswith("Runs finished on several devices: cpu (2), cuda:0 (1);")
+    assert note.startswith("Runs finished on several devices: cpu (2), cuda (1);")
+    assert devices_note([{"device": "cuda:0"}, {"device": "cuda:1"}]) == ""   # one machine's GPUs
     rows = [{"variant": "moduli", "sparsity": 0.0, "kind": "dense", "values": [0.5], "mean": 0.5, "std": 0.0}]
     markdown, _ = write_tables(rows, tmp_path, "t", "RMSE", note=note)
     assert markdown.read_text().rstrip().endswith(note)
