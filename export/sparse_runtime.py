@@ -251,17 +251,18 @@ def thread_pools(threads: int | None = None) -> Iterator[int]:
         raise RuntimeConfigError(f"threads must be a positive integer or None, got {threads!r}")
     torch_before, numba_before = torch.get_num_threads(), numba_kernels.get_threads()
     count = torch_before if threads is None else threads
-    # set (and restore) only what differs: numba's setter costs ~4 us a call, at every call
-    if numba_before != count:
+    # Set (and restore) only when a count differs: numba's setter costs ~4 us, at every call.
+    # Numba's setter can change PyTorch's count too (one libgomp), so PyTorch's is then set
+    # after it either way.
+    change = numba_before != count or torch_before != count
+    if change:
         numba_kernels.set_threads(count)
-    if torch_before != count:
         torch.set_num_threads(count)
     try:
         yield count
     finally:
-        if numba_before != count:
+        if change:
             numba_kernels.set_threads(numba_before)
-        if torch_before != count:
             torch.set_num_threads(torch_before)
 
 

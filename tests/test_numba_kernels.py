@@ -165,6 +165,29 @@ def test_auto_times_the_fused_kernel_for_gated_cells():
     assert kernel.name in ("csr", "tiles")
 
 
+def test_thread_pools_hold_pytorchs_count_when_numba_starts_its_workers():
+    # numba's first use starts its OpenMP workers in PyTorch's libgomp and sets its count
+    # there: a call that then left PyTorch's count alone (it already read 1) ran its
+    # projection on numba's 2 threads, and left them set after
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "torch.set_num_threads(1)\n"
+        "from moduli_transform.export import numba_kernels\n"
+        "from moduli_transform.export.sparse_runtime import thread_pools\n"
+        "with thread_pools(1):\n"
+        "    inside = torch.get_num_threads()\n"
+        "print(inside, torch.get_num_threads())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "NUMBA_NUM_THREADS": "2"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["1", "1"]
+
+
 def test_thread_pools_set_and_restore_both_counts():
     torch_before, numba_before = torch.get_num_threads(), numba_kernels.get_threads()
     with thread_pools(1) as used:
