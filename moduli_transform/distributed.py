@@ -47,7 +47,7 @@ __all__ = [
     "backend_for", "init_distributed_from_env", "is_main_process", "get_rank", "get_world_size", "barrier",
     "cleanup_distributed", "unwrap_model", "shard_batch",
     "sync_handle", "all_reduce_embedding_grads", "check_in_sync",
-    "gather_rank_rng_states", "restore_rank_rng_states",
+    "gather_rank_rng_states", "restore_rank_rng_states", "decorrelate_ranks",
 ]
 
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -135,6 +135,20 @@ def cleanup_distributed() -> None:
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
+
+
+def decorrelate_ranks(seed: int) -> None:
+    """Give each rank but rank 0 its own stream of PyTorch's global generators (CPU and CUDA),
+    seeded from ``seed`` and the rank; rank 0 keeps the one-process stream.
+
+    Call it after the model and the handle are synchronised. Seeded alike, every rank drew
+    the same dropout masks for its shard of a batch, so the shards' masks were copies of one
+    another instead of independent draws as in one process. Generators of their own (the
+    data's, a shuffled control's) are untouched.
+    """
+    rank = get_rank()
+    if rank > 0:
+        torch.manual_seed(seed + 1_000_003 * rank)
 
 
 RANK_RNG_PREFIX = "rng/rank"

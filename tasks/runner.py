@@ -59,8 +59,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from moduli_transform.config import GRANULARITIES
 from moduli_transform.device import exact_float32, resolve_device, to_device
-from moduli_transform.distributed import (backend_for, barrier, gather_rank_rng_states, init_distributed_from_env,
-                                          is_main_process, restore_rank_rng_states,
+from moduli_transform.distributed import (backend_for, barrier, decorrelate_ranks, gather_rank_rng_states,
+                                          init_distributed_from_env, is_main_process, restore_rank_rng_states,
                                           shard_batch, sync_handle)
 
 from . import LOTTERY_EMBEDDINGS, TASKS, Preset, Task, get_task
@@ -391,6 +391,7 @@ class _Run:
             device_ids = [device.index] if device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=device_ids)
             sync_handle(self.handle)
+            decorrelate_ranks(config.seed)   # each rank its own dropout masks
 
     def _schedule(self) -> LinearRamp | EpochRamp:
         if self.preset.schedule == "epochs":

@@ -176,6 +176,25 @@ def test_each_rank_gets_its_own_generator_back(ddp_run):
         assert report["rng/ranks_differ"] and report["rng/restored"]
 
 
+def test_ranks_after_the_first_draw_their_own_stream(monkeypatch):
+    import moduli_transform.distributed as distributed
+
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    distributed.decorrelate_ranks(5)   # one process: rank 0, nothing changes
+    assert torch.equal(torch.get_rng_state(), state)
+    draws = {}
+    for rank in (1, 2, 1):
+        monkeypatch.setattr(distributed, "get_rank", lambda rank=rank: rank)
+        torch.manual_seed(5)
+        distributed.decorrelate_ranks(5)
+        draws.setdefault(rank, []).append(torch.rand(4))
+    assert torch.equal(draws[1][0], draws[1][1])          # seeded from the seed and the rank
+    assert not torch.equal(draws[1][0], draws[2][0])      # ... differently on each rank
+    torch.manual_seed(5)
+    assert not torch.equal(torch.rand(4), draws[1][0])    # ... and unlike rank 0's stream
+
+
 def test_rank_generators_outside_a_group_are_a_no_op():
     state = torch.get_rng_state()
     assert gather_rank_rng_states() == {}
