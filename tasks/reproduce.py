@@ -164,7 +164,8 @@ def execute(configs: Sequence[RunConfig], jobs: int = 1, on_result: Any = None,
     The device is not part of a run's identity: a partial run resumes on any device and a
     finished one is reused whichever device made it.
     """
-    asked, device = device, str(resolve_device(device))
+    asked, resolved = device, resolve_device(device)
+    device = str(resolved)
     results: dict[str, Any] = {}
     todo = []
     for config in configs:
@@ -196,7 +197,7 @@ def execute(configs: Sequence[RunConfig], jobs: int = 1, on_result: Any = None,
             record(config, outcome, started)
         return results
     context = process_context(device)
-    options, run_device = pool_options(asked, resolve_device(device), jobs, context)
+    options, run_device = pool_options(asked, resolved, jobs, context)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, **options) as pool:
         started = time.time()
         futures = {pool.submit(_run_one, config, run_device): config for config in todo}

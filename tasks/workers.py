@@ -75,14 +75,14 @@ def spread_over_gpus(device_name: str, jobs: int, gpus: int) -> list[int]:
     return [worker % gpus for worker in range(jobs)]
 
 
-def pool_options(device_name: str, resolved: Any, jobs: int, context: Any) -> tuple[dict[str, Any], str]:
+def pool_options(device_name: str, resolved: "torch.device", jobs: int, context: Any) -> tuple[dict[str, Any], str]:
     """``ProcessPoolExecutor`` keyword arguments for a pool of ``jobs`` training workers, and
     the device each run is to name: the workers spread over the visible GPUs
     (:func:`spread_over_gpus`, each run then naming ``"cuda"``, its worker's GPU), or all on
     ``resolved``. Before, every worker of ``table --jobs 4 --device cuda`` trained on GPU 0."""
     import torch
 
-    gpus = torch.cuda.device_count() if getattr(resolved, "type", str(resolved)) == "cuda" else 0
+    gpus = torch.cuda.device_count() if resolved.type == "cuda" else 0
     slots = spread_over_gpus(str(device_name), jobs, gpus)
     if not slots:
         return {"initializer": start_worker}, str(resolved)
