@@ -200,7 +200,10 @@ class BsrKernel(RecurrentKernel):
 
 @register_kernel("gather")
 class GatherKernel(RecurrentKernel):
-    """Tiles by gather + batched matmul + index_add (no sparse tensor type involved)."""
+    """Tiles by gather + batched matmul + index_add (no sparse tensor type involved).
+
+    On CUDA ``index_add_`` adds atomically, so the last bits may differ between calls;
+    ``torch.use_deterministic_algorithms(True)`` selects PyTorch's deterministic version."""
 
     def __init__(self, weight: Tensor, tile: int = 16) -> None:
         super().__init__(weight)
