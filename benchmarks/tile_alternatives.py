@@ -1,9 +1,10 @@
-"""Three changes to the batch-1 Elman tile kernel that looked like ways past the byte floor
+"""Four changes to the batch-1 Elman tile kernel that looked like ways past the byte floor
 (issue 13, "Beyond"), each timed against the kernel the runtime ships.
 
 At H=4096, 98% sparse, one thread, the whole call is the kernel (1.1-1.2x its byte floor),
 the dense input projection (``torch.addmm``, compute-bound, about a third of the floor) and
-the step-by-step gather into the module's unit order. Each alternative attacks one part:
+the step-by-step gather into the module's unit order. Each alternative attacks one part
+(the last one the bytes):
 
 * ``rows alternating per step`` (L3/L2-resident weights across steps): odd steps walk the
   block rows backwards, in chunks of ``--chunk`` rows, so that the tiles a step read last
@@ -18,6 +19,11 @@ the step-by-step gather into the module's unit order. Each alternative attacks o
 * ``scatter inside the step``: each block row writes its 16 new states to their places in
   the module's order right after computing them, instead of one gather per step. Compared
   with the shipping kernel ordering its outputs; bitwise equal outputs.
+* ``int8 tiles`` (a quarter of the float32 bytes): each matrix row scaled by its largest kept
+  weight over 127 (:func:`int8_tiles`), the integers converted to float32 in registers and
+  each row's sum scaled once. Compared with the float32 and the float16 (``tiles16``) kernels;
+  the outputs differ by the quantisation, and the largest difference is printed (a test checks
+  that it computes what the dequantised matrix computes).
 
 Each cell is the median over interleaved rounds of a round's median call, and ``x
 shipping`` the median over rounds of the per-round ratio. Pin the process and keep the core
@@ -143,12 +149,47 @@ def _scatter_sequence(ptr, cols, tiles, projected, h0, outputs, activation, perm
         _scatter_step(ptr, cols, flat_tiles, projected[t, 0], h, states[t % 2], activation, perm, outputs[t, 0])
 
 
+@_compiled
+def _int8_step(ptr, cols, tiles, row_scales, u, h, out, activation):
+    for block_row in range(ptr.shape[0] - 1):
+        base = block_row * TILE
+        for i in range(TILE):
+            out[base + i] = 0.0
+        for k in range(ptr[block_row], ptr[block_row + 1]):
+            nk._tile_apply_single(out, base, tiles, k * TILE * TILE, h, cols[k] * TILE, 1)
+        for i in range(TILE):
+            out[base + i] = u[base + i] + row_scales[base + i] * out[base + i]
+        nk._apply(out, base, TILE, activation)
+
+
+@_compiled
+def _int8_sequence(ptr, cols, tiles, row_scales, projected, h0, outputs, activation):
+    flat_tiles = tiles.reshape(-1)
+    for t in range(projected.shape[0]):
+        h = h0[0] if t == 0 else outputs[t - 1, 0]
+        _int8_step(ptr, cols, flat_tiles, row_scales, projected[t, 0], h, outputs[t, 0], activation)
+
+
+def int8_tiles(ptr: np.ndarray, tiles_t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Transposed float32 tiles (blocks, 16, 16) as int8 tiles and one float32 scale per matrix
+    row (its largest kept weight over 127, so that ``W[r, c] ~ scale[r] * q``)."""
+    rows = (ptr.shape[0] - 1) * TILE
+    largest = np.zeros(rows, np.float32)
+    block_rows = np.repeat(np.arange(ptr.shape[0] - 1), np.diff(ptr))
+    row_of = block_rows[:, None] * TILE + np.arange(TILE)[None, :]        # (blocks, 16): rows of a tile
+    np.maximum.at(largest, row_of.reshape(-1), np.abs(tiles_t).max(axis=1).reshape(-1))
+    scales = np.where(largest > 0, largest / 127, 1).astype(np.float32)
+    quantised = np.rint(tiles_t / scales[row_of][:, None, :]).clip(-127, 127).astype(np.int8)
+    return quantised, scales
+
+
 def comparisons(hidden: int, sparsity: float, steps: int, chunk: int, ahead: int
                 ) -> list[tuple[str, Callable[[], np.ndarray], Callable[[], np.ndarray], bool]]:
     """(name, shipping call, alternative call, bitwise) for each alternative; each call
     returns its outputs (T, 1, H)."""
     module, perms = build_module(BenchConfig(hidden, 1, sparsity), "tiled")
     runtime = SparseRNN(layers_from_module(module), kernel="tiles", perms=perms, threads=1)
+    runtime_half = SparseRNN(layers_from_module(module), kernel="tiles16", perms=perms, threads=1)
     kernel = runtime.kernel(0, 1)
     tiles = (kernel.ptr, kernel.cols, kernel.tiles_t)
     weight_ih, bias = runtime.layers[0].weight_ih.contiguous(), runtime._input_bias[0].contiguous()
@@ -191,6 +232,19 @@ def comparisons(hidden: int, sparsity: float, steps: int, chunk: int, ahead: int
         _fused_projection_sequence(*tiles, inputs[:, 0].numpy(), weight_tiles, bias.numpy(), h0, out, TANH, ahead)
         return out
 
+    quantised, row_scales = int8_tiles(kernel.ptr, kernel.tiles_t)
+    half = runtime_half.kernel(0, 1)
+
+    def shipping_half() -> np.ndarray:
+        out = fresh()
+        nk._elman_sequence(half.ptr, half.cols, half.tiles_t, projected, h0, out, TANH, no_order, True)
+        return out
+
+    def int8() -> np.ndarray:
+        out = fresh()
+        _int8_sequence(kernel.ptr, kernel.cols, quantised, row_scales, projected, h0, out, TANH)
+        return out
+
     def scatter() -> np.ndarray:
         out = fresh()
         _scatter_sequence(*tiles, projected, h0, out, TANH, perm)
@@ -200,6 +254,8 @@ def comparisons(hidden: int, sparsity: float, steps: int, chunk: int, ahead: int
         (f"rows alternating per step (chunks of {chunk} rows)", shipping_stored, alternating, True),
         (f"projection fused into the steps ({ahead} steps ahead)", shipping_with_projection, fused, False),
         ("scatter inside the step", shipping_ordered, scatter, True),
+        ("int8 tiles, a scale per row, against float32 tiles", shipping_stored, int8, False),
+        ("int8 tiles, a scale per row, against float16 tiles (`tiles16`)", shipping_half, int8, False),
     ]
 
 

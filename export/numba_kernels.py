@@ -134,11 +134,13 @@ if AVAILABLE:
             if not all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 1 for a in (acc, x)):
                 return None
             # Tiles in float32, or in IEEE half precision held as uint16 bits (half the bytes:
-            # widened to float32 in registers, one vcvtph2ps per tile row where F16C exists).
-            half = isinstance(tiles, types.Array) and tiles.dtype == types.uint16 and tiles.ndim == 1
-            if not (half or (isinstance(tiles, types.Array) and tiles.dtype == types.float32 and tiles.ndim == 1)):
+            # widened to float32 in registers, one vcvtph2ps per tile row where F16C exists),
+            # or as int8 integers (converted exactly; the caller applies any scale).
+            dtype = tiles.dtype if isinstance(tiles, types.Array) and tiles.ndim == 1 else None
+            if dtype not in (types.float32, types.uint16, types.int8):
                 return None
-            tile_type = types.Array(types.uint16, 1, "C") if half else floats
+            half, whole = dtype == types.uint16, dtype == types.int8
+            tile_type = types.Array(dtype, 1, "C")
             signature = types.void(floats, types.intp, tile_type, types.intp, floats, types.intp,
                                    types.intp)
 
@@ -159,6 +161,10 @@ if AVAILABLE:
                         row = builder.bitcast(builder.load(row_pointer, align=2),
                                               ir.VectorType(ir.HalfType(), TILE))
                         row = builder.fpext(row, vector)
+                    elif whole:
+                        integers = ir.VectorType(ir.IntType(8), TILE)
+                        row_pointer = builder.bitcast(builder.gep(tile_data, [row_start]), integers.as_pointer())
+                        row = builder.sitofp(builder.load(row_pointer, align=1), vector)
                     else:
                         row_pointer = builder.bitcast(builder.gep(tile_data, [row_start]), vector.as_pointer())
                         row = builder.load(row_pointer, align=4)
