@@ -52,6 +52,13 @@ TANH = nk.ACTIVATIONS["tanh"]
 _compiled = njit(fastmath=set(nk.FAST_MATH), error_model="numpy")
 
 
+@njit(fastmath=set(nk.FAST_MATH), error_model="numpy", inline="always")
+def _add_row_tiles(ptr, cols, tiles, h, out, block_row):
+    """``out[16 r : 16 r + 16] += (W h)`` of block row ``r``, its tiles in stored order."""
+    for k in range(ptr[block_row], ptr[block_row + 1]):
+        nk._tile_apply_single(out, block_row * TILE, tiles, k * TILE * TILE, h, cols[k] * TILE, 1)
+
+
 @_compiled
 def _rows_backwards(ptr, cols, tiles, u, h, out, activation, chunk):
     """The shipping batch-1 Elman step over the block rows in chunks of ``chunk`` rows, the
@@ -64,8 +71,7 @@ def _rows_backwards(ptr, cols, tiles, u, h, out, activation, chunk):
             base = block_row * TILE
             for i in range(TILE):
                 out[base + i] = u[base + i]
-            for k in range(ptr[block_row], ptr[block_row + 1]):
-                nk._tile_apply_single(out, base, tiles, k * TILE * TILE, h, cols[k] * TILE, 1)
+            _add_row_tiles(ptr, cols, tiles, h, out, block_row)
             nk._apply(out, base, TILE, activation)
 
 
@@ -118,8 +124,7 @@ def _fused_projection_sequence(ptr, cols, tiles, inputs, weight_tiles, bias, h0,
             base = block_row * TILE
             for i in range(TILE):
                 out[base + i] = current[s, base + i]
-            for k in range(ptr[block_row], ptr[block_row + 1]):
-                nk._tile_apply_single(out, base, flat_tiles, k * TILE * TILE, h, cols[k] * TILE, 1)
+            _add_row_tiles(ptr, cols, flat_tiles, h, out, block_row)
             nk._apply(out, base, TILE, activation)
             if next_steps:
                 slot = s * rows + block_row
@@ -133,8 +138,7 @@ def _scatter_step(ptr, cols, tiles, u, h, state, activation, perm, ordered):
         base = block_row * TILE
         for i in range(TILE):
             state[base + i] = u[base + i]
-        for k in range(ptr[block_row], ptr[block_row + 1]):
-            nk._tile_apply_single(state, base, tiles, k * TILE * TILE, h, cols[k] * TILE, 1)
+        _add_row_tiles(ptr, cols, tiles, h, state, block_row)
         nk._apply(state, base, TILE, activation)
         for i in range(TILE):
             ordered[perm[base + i]] = state[base + i]
@@ -155,8 +159,7 @@ def _int8_step(ptr, cols, tiles, row_scales, u, h, out, activation):
         base = block_row * TILE
         for i in range(TILE):
             out[base + i] = 0.0
-        for k in range(ptr[block_row], ptr[block_row + 1]):
-            nk._tile_apply_single(out, base, tiles, k * TILE * TILE, h, cols[k] * TILE, 1)
+        _add_row_tiles(ptr, cols, tiles, h, out, block_row)
         for i in range(TILE):
             out[base + i] = u[base + i] + row_scales[base + i] * out[base + i]
         nk._apply(out, base, TILE, activation)
