@@ -139,7 +139,7 @@ if AVAILABLE:
             dtype = tiles.dtype if isinstance(tiles, types.Array) and tiles.ndim == 1 else None
             if dtype not in (types.float32, types.uint16, types.int8):
                 return None
-            half, whole = dtype == types.uint16, dtype == types.int8
+            half, int8 = dtype == types.uint16, dtype == types.int8
             tile_type = types.Array(dtype, 1, "C")
             signature = types.void(floats, types.intp, tile_type, types.intp, floats, types.intp,
                                    types.intp)
@@ -161,7 +161,7 @@ if AVAILABLE:
                         row = builder.bitcast(builder.load(row_pointer, align=2),
                                               ir.VectorType(ir.HalfType(), TILE))
                         row = builder.fpext(row, vector)
-                    elif whole:
+                    elif int8:
                         integers = ir.VectorType(ir.IntType(8), TILE)
                         row_pointer = builder.bitcast(builder.gep(tile_data, [row_start]), integers.as_pointer())
                         row = builder.sitofp(builder.load(row_pointer, align=1), vector)
