@@ -201,7 +201,11 @@ def comparisons(hidden: int, sparsity: float, steps: int, chunk: int, ahead: int
     weight_tiles = _to_bsr(weight_ih, TILE).values().transpose(1, 2).contiguous().numpy().reshape(-1)
     inputs = torch.randn(steps, 1, weight_ih.shape[1])
     h0 = np.zeros((1, hidden), np.float32)
-    projected = torch.addmm(bias, inputs.reshape(steps, -1), weight_ih.t()).view(steps, 1, -1).numpy()
+
+    def project() -> np.ndarray:
+        return torch.addmm(bias, inputs.reshape(steps, -1), weight_ih.t()).view(steps, 1, -1).numpy()
+
+    projected = project()
     inverse = runtime._inverse[0].numpy().astype(np.int64)
     perm = np.argsort(inverse)
     no_order = np.empty(0, np.int64)
@@ -216,8 +220,7 @@ def comparisons(hidden: int, sparsity: float, steps: int, chunk: int, ahead: int
 
     def shipping_with_projection() -> np.ndarray:
         out = fresh()
-        fresh_projection = torch.addmm(bias, inputs.reshape(steps, -1), weight_ih.t()).view(steps, 1, -1)
-        nk._elman_sequence(*tiles, fresh_projection.numpy(), h0, out, TANH, no_order, True)
+        nk._elman_sequence(*tiles, project(), h0, out, TANH, no_order, True)
         return out
 
     def shipping_ordered() -> np.ndarray:
