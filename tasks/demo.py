@@ -17,21 +17,21 @@ import math
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from safetensors.torch import load_file
 
-from moduli_transform.device import DEVICE_HELP, DeviceError, process_context, resolve_device
+from moduli_transform.device import DEVICE_HELP, DeviceError, resolve_device
 
 from .locality import run_locality
 from .navigation import CHANCE_LEVEL_CM
 from .ray_backend import split_finished
 from .run_folder import RunFolderError, claim_run_folder, continue_or_refuse
 from .runner import EMBEDDINGS_FILE, WEIGHTS_FILE, RunConfig, run
-from .workers import pool_options
+from .workers import training_pool
 
 __all__ = ["register", "run_demo", "demo_table", "time_dense_vs_sparse", "CONTROLS", "TIMING_HIDDEN"]
 
@@ -97,9 +97,8 @@ def _train_all(plans: list[RunConfig], finished: dict[int, dict[str, Any]], todo
         print(f"training {len(todo)} runs ({jobs} at a time, device {device}): "
               f"{', '.join(c.regularizer for c in todo)}", flush=True)
         # Each run logs its own steps, time and eta (progress_bar in "log" mode, on stderr).
-        context = process_context(device)
-        options, run_device = pool_options(asked or str(device), device, max(1, jobs), context)
-        with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=context, **options) as pool:
+        pool, run_device = training_pool(asked or str(device), device, max(1, jobs))
+        with pool:
             futures = {pool.submit(_train, config, run_device): config for config in todo}
             for done, future in enumerate(as_completed(futures), 1):
                 config, summary = futures[future], future.result()

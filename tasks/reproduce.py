@@ -27,17 +27,17 @@ import argparse
 import json
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from moduli_transform.device import DEVICE_HELP, process_context, resolve_device
+from moduli_transform.device import DEVICE_HELP, resolve_device
 
 from . import TASKS, get_task
 from .ray_backend import read_summary, same_recorded_run
 from .runner import RunConfig, run
-from .workers import pool_options
+from .workers import training_pool
 
 __all__ = ["GRID", "STAGES", "Stage", "plan", "run_status", "execute", "register", "DEFAULT_SEEDS"]
 
@@ -196,9 +196,8 @@ def execute(configs: Sequence[RunConfig], jobs: int = 1, on_result: Any = None,
                 outcome = repr(error)
             record(config, outcome, started)
         return results
-    context = process_context(device)
-    options, run_device = pool_options(asked, resolved, jobs, context)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, **options) as pool:
+    pool, run_device = training_pool(asked, resolved, jobs)
+    with pool:
         started = time.time()
         futures = {pool.submit(_run_one, config, run_device): config for config in todo}
         for future in as_completed(futures):

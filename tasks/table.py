@@ -28,18 +28,18 @@ import argparse
 import csv
 import functools
 import statistics
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from moduli_transform.device import process_context, resolve_device
+from moduli_transform.device import resolve_device
 
 from .progress import progress_bar
 from .ray_backend import RunFailure, execute_ray, split_finished
 from .run_folder import continue_or_refuse
 from .runner import RunConfig, run
-from .workers import pool_options
+from .workers import training_pool
 
 __all__ = ["GRIDS", "PAPER_SPARSITIES", "plan_runs", "claim_runs", "execute", "aggregate", "format_markdown",
            "write_tables", "run_table"]
@@ -135,9 +135,8 @@ def execute(configs: Sequence[RunConfig], backend: str = "local", jobs: int = 1,
     configs = claim_runs(configs)
     finished, pending = split_finished(configs)
     results: list[Any] = [finished.get(i) for i in range(len(configs))]
-    context = process_context(resolved)
-    options, run_device = pool_options(device, resolved, max(1, jobs), context)
-    with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=context, **options) as pool, \
+    pool, run_device = training_pool(device, resolved, max(1, jobs))
+    with pool, \
             progress_bar(len(pending), desc="runs", unit="run", mode="auto" if pending else "off") as bar:
         futures = {pool.submit(_run_quietly, configs[index], run_device): index for index in pending}
         for future in as_completed(futures):

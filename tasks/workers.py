@@ -14,11 +14,12 @@ import multiprocessing
 import os
 import signal
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from moduli_transform.allocator import reuse_large_blocks
 
-__all__ = ["die_with_parent", "start_worker", "spread_over_gpus", "pool_options"]
+__all__ = ["die_with_parent", "start_worker", "spread_over_gpus", "pool_options", "training_pool"]
 
 _PR_SET_PDEATHSIG = 1   # prctl(2)
 
@@ -90,3 +91,14 @@ def pool_options(device_name: str, resolved: "torch.device", jobs: int, context:
     for index in slots:
         queue.put(index)
     return {"initializer": start_worker, "initargs": (queue,)}, "cuda"
+
+
+def training_pool(device_name: str, resolved: "torch.device", jobs: int) -> tuple[ProcessPoolExecutor, str]:
+    """A pool of ``jobs`` training workers for runs on ``resolved`` (``device_name`` as the user
+    gave it), started the safe way for that device and spread over its GPUs
+    (:func:`pool_options`), and the device each run is to name."""
+    from moduli_transform.device import process_context
+
+    context = process_context(resolved)
+    options, run_device = pool_options(device_name, resolved, jobs, context)
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=context, **options), run_device

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -110,3 +111,15 @@ def test_pool_options_hand_each_worker_its_gpu(monkeypatch):
     assert chosen == [0, 1, 0]
     options, run_device = workers.pool_options("cuda:1", torch.device("cuda", 1), 3, context)
     assert "initargs" not in options and run_device == "cuda:1"
+
+
+def test_training_pool_runs_workers_on_the_device_asked_for():
+    import torch
+
+    from moduli_transform.tasks import workers
+
+    pool, run_device = workers.training_pool("cpu", torch.device("cpu"), 2)
+    with pool:
+        assert run_device == "cpu"
+        assert pool._max_workers == 2 and pool._mp_context.get_start_method() == "spawn"
+        assert pool.submit(os.getpid).result() != os.getpid()   # in a worker process
